@@ -1,0 +1,1 @@
+"""Model loading: diffusion pipelines + LoRA, open_clip evaluators, LLM engines."""
