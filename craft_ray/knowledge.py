@@ -1,6 +1,6 @@
 """Clinical knowledge files: enriched prompts and checklists per label, their schema and loading.
 
-A knowledge file is YAML, one per (modality, dataset)::
+A knowledge file is YAML (or JSON, a subset of YAML), one per (modality, dataset)::
 
     version: phantom-cxr-1          # bump whenever the content changes
     modality: cxr                   # cxr | derm | fundus | histo
@@ -124,10 +124,13 @@ class Knowledge:
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     def save(self, path: str | Path) -> Path:
-        """Write the knowledge as YAML to ``path`` (parent folders created); returns the path."""
+        """Write the knowledge to ``path`` as YAML, or JSON for a ``.json`` suffix; returns the path."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=110)
+        if path.suffix == ".json":
+            text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        else:
+            text = yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True, width=110)
         path.write_text(text, encoding="utf-8")
         return path
 
@@ -164,7 +167,11 @@ def _text(value: object, source: str, where: str) -> str:
 
 def _mapping(value: object, source: str, where: str, allowed: Sequence[str], required: Sequence[str]) -> dict:
     if not isinstance(value, dict):
-        raise _fail(source, where or "top level", f"must be a mapping with keys {', '.join(required)}, got {_type_name(value)}")
+        raise _fail(
+            source,
+            where or "top level",
+            f"must be a mapping with keys {', '.join(required)}, got {_type_name(value)}",
+        )
     for key in value:
         if key not in allowed:
             path = f"{where}.{key}" if where else str(key)
@@ -182,8 +189,11 @@ def _item(value: object, source: str, where: str) -> ChecklistItem:
     if not _ID.match(fields["id"]):
         raise _fail(source, f"{where}.id", f"id {fields['id']!r} must be snake_case (a-z, 0-9, _)")
     if not fields["question"].endswith("?"):
-        raise _fail(source, f"{where}.question", f"{fields['question']!r} must be a yes/no question ending in '?'")
-    parent = _text(raw["parent"], source, f"{where}.parent") if "parent" in raw else None
+        raise _fail(
+            source, f"{where}.question", f"{fields['question']!r} must be a yes/no question ending in '?'"
+        )
+    # null parent = no gating: structured JSON from the checklist builder spells "none" that way
+    parent = _text(raw["parent"], source, f"{where}.parent") if raw.get("parent") is not None else None
     return ChecklistItem(parent=parent, **fields)
 
 
@@ -204,7 +214,9 @@ def _check_parents(items: list[ChecklistItem], source: str, where: str) -> None:
             chain.append(node)
             if node == item.id:
                 raise _fail(
-                    source, f"{where}[{i}].parent", f"parent cycle {' -> '.join(chain)}; gating must form a tree"
+                    source,
+                    f"{where}[{i}].parent",
+                    f"parent cycle {' -> '.join(chain)}; gating must form a tree",
                 )
             if node in chain[:-1]:  # a cycle further up; reported when the loop reaches one of its members
                 break
@@ -217,23 +229,33 @@ def _label(value: object, source: str, where: str) -> LabelKnowledge:
     if not isinstance(prompts_raw, list):
         raise _fail(source, f"{where}.prompts", f"must be a list of strings, got {_type_name(prompts_raw)}")
     if len(prompts_raw) < MIN_PROMPTS:
-        raise _fail(source, f"{where}.prompts", f"has {len(prompts_raw)} prompts; at least {MIN_PROMPTS} are required")
+        raise _fail(
+            source, f"{where}.prompts", f"has {len(prompts_raw)} prompts; at least {MIN_PROMPTS} are required"
+        )
     prompts: list[str] = []
     for i, prompt in enumerate(prompts_raw):
         text = _text(prompt, source, f"{where}.prompts[{i}]")
         if text in prompts:
-            raise _fail(source, f"{where}.prompts[{i}]", f"duplicate prompt (same as prompts[{prompts.index(text)}])")
+            raise _fail(
+                source, f"{where}.prompts[{i}]", f"duplicate prompt (same as prompts[{prompts.index(text)}])"
+            )
         prompts.append(text)
     if not isinstance(items_raw, list):
         raise _fail(source, f"{where}.checklist", f"must be a list of items, got {_type_name(items_raw)}")
     if len(items_raw) < MIN_ITEMS:
-        raise _fail(source, f"{where}.checklist", f"has {len(items_raw)} items; at least {MIN_ITEMS} are required")
+        raise _fail(
+            source, f"{where}.checklist", f"has {len(items_raw)} items; at least {MIN_ITEMS} are required"
+        )
     items: list[ChecklistItem] = []
     for i, raw_item in enumerate(items_raw):
         item = _item(raw_item, source, f"{where}.checklist[{i}]")
         ids = [prev.id for prev in items]
         if item.id in ids:
-            raise _fail(source, f"{where}.checklist[{i}].id", f"duplicate id {item.id!r} (also checklist[{ids.index(item.id)}])")
+            raise _fail(
+                source,
+                f"{where}.checklist[{i}].id",
+                f"duplicate id {item.id!r} (also checklist[{ids.index(item.id)}])",
+            )
         items.append(item)
     _check_parents(items, source, f"{where}.checklist")
     return LabelKnowledge(prompts=tuple(prompts), checklist=tuple(items))
@@ -251,38 +273,52 @@ def validate(data: object, source: str = "<memory>") -> Knowledge:
     version = _text(raw["version"], source, "version")
     modality_name = _text(raw["modality"], source, "modality")
     if modality_name not in MODALITY_NAMES:
-        raise _fail(source, "modality", f"unknown modality {modality_name!r}; known: {', '.join(MODALITY_NAMES)}")
+        raise _fail(
+            source, "modality", f"unknown modality {modality_name!r}; known: {', '.join(MODALITY_NAMES)}"
+        )
     modality = get_modality(modality_name)
     dataset = _text(raw["dataset"], source, "dataset")
     if dataset not in modality.datasets:
-        known = ", ".join(modality.datasets)
-        raise _fail(source, "dataset", f"unknown dataset {dataset!r} for modality {modality_name}; known: {known}")
+        known = ", ".join(sorted(modality.datasets))
+        raise _fail(
+            source, "dataset", f"unknown dataset {dataset!r} for modality {modality_name}; known: {known}"
+        )
     description = _text(raw["description"], source, "description")
     labels_raw = raw["labels"]
     if not isinstance(labels_raw, dict):
-        raise _fail(source, "labels", f"must be a mapping label -> {{prompts, checklist}}, got {_type_name(labels_raw)}")
+        raise _fail(
+            source,
+            "labels",
+            f"must be a mapping label -> {{prompts, checklist}}, got {_type_name(labels_raw)}",
+        )
     expected = modality.label_names(dataset)
     for name in labels_raw:
         if name not in expected:
             raise _fail(
-                source, f"labels.{name}", f"unknown label {name!r} for {modality_name} ({dataset}); known: {', '.join(expected)}"
+                source,
+                f"labels.{name}",
+                f"unknown label {name!r} for {modality_name} ({dataset}); known: {', '.join(expected)}",
             )
     missing = [name for name in expected if name not in labels_raw]
     if missing:
         raise _fail(
-            source, "labels", f"missing label(s) {', '.join(missing)} of {modality_name} ({dataset}); every label needs an entry"
+            source,
+            "labels",
+            f"missing label(s) {', '.join(missing)} of {modality_name} ({dataset}); every label needs an entry",
         )
     entries = {name: _label(labels_raw[name], source, f"labels.{name}") for name in expected}
     return Knowledge(version, modality_name, dataset, description, entries, source=source)
 
 
 def load_knowledge(path: str | Path) -> Knowledge:
-    """Read and validate a knowledge YAML file; every problem is a UserError naming the file."""
+    """Read and validate a knowledge YAML (or JSON) file; every problem is a UserError naming the file."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"knowledge file {path} not found (no such file); pass an existing YAML file")
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # a SafeLoader: no arbitrary objects
+        data = yaml.load(
+            path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader
+        )  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "top level"
@@ -330,9 +366,12 @@ def _summary(knowledge: Knowledge, verbose: bool) -> list[str]:
         gated = sum(item.parent is not None for item in items)
         lines.append(f"{name:<24} {len(knowledge.prompts(name)):>7} {len(items):>5} {gated:>5}")
         if verbose:
+            parents = {item.id: item.parent for item in items}
             for item in items:
-                indent = "    " if item.parent else "  "
-                lines.append(f"{indent}- [{item.id}] {item.question}")
+                depth, node = 1, item.parent
+                while node is not None:  # validated: parents exist and form a tree
+                    depth, node = depth + 1, parents[node]
+                lines.append(f"{'  ' * depth}- [{item.id}] {item.question}")
     return lines
 
 
@@ -346,8 +385,10 @@ def _cmd_validate(ns: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             continue
         counts = f"{len(knowledge.labels())} labels"
-        print(f"OK {file}: {knowledge.version} ({knowledge.modality}/{knowledge.dataset}, {counts}, "
-              f"sha256 {knowledge.content_hash()[:12]})")
+        print(
+            f"OK {file}: {knowledge.version} ({knowledge.modality}/{knowledge.dataset}, {counts}, "
+            f"sha256 {knowledge.content_hash()[:12]})"
+        )
     return 2 if failed else 0
 
 
@@ -360,8 +401,10 @@ def _cmd_list(ns: argparse.Namespace) -> int:
     print(f"{'modality':<8} {'dataset':<12} {'version':<22} {'labels':>6}  file")
     for path in shipped_files():
         knowledge = load_knowledge(path)
-        print(f"{knowledge.modality:<8} {knowledge.dataset:<12} {knowledge.version:<22} "
-              f"{len(knowledge.labels()):>6}  {path}")
+        print(
+            f"{knowledge.modality:<8} {knowledge.dataset:<12} {knowledge.version:<22} "
+            f"{len(knowledge.labels()):>6}  {path}"
+        )
     return 0
 
 

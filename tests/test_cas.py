@@ -1,0 +1,206 @@
+"""CAS dimensions, weights, reference bank, threshold provenance, tail metrics and the reward."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from craft_ray import cas
+from craft_ray.data.phantom import generate
+from craft_ray.errors import UserError
+from craft_ray.knowledge import load_shipped
+from craft_ray.models.evaluators import load_evaluator, make_tiny_evaluator
+from craft_ray.rewards import make_reward
+
+EQUAL = {"label": 0.25, "checklist": 0.25, "modality": 0.25, "realism": 0.25}
+
+
+class _Cfg:
+    def __init__(self, model: str, family: str):
+        self.model, self.pretrained, self.family = model, None, family
+
+
+@pytest.fixture(scope="module")
+def evaluator(tmp_path_factory: pytest.TempPathFactory):
+    folder = make_tiny_evaluator(tmp_path_factory.mktemp("ev") / "vit", "vit", seed=0)
+    return load_evaluator(_Cfg(f"local-dir:{folder}", "vit"))
+
+
+@pytest.fixture(scope="module")
+def knowledge():
+    return load_shipped("cxr", "phantom")
+
+
+@pytest.fixture(scope="module")
+def texts(evaluator, knowledge):
+    return cas.build_texts(evaluator, knowledge, "cxr")
+
+
+def images_and_labels(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
+    batch = generate("cxr", n, size=64, seed=seed)
+    x = torch.from_numpy(np.ascontiguousarray(batch.images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return x, list(batch.labels)
+
+
+@pytest.fixture(scope="module")
+def bank(evaluator, knowledge):
+    x, labels = images_and_labels(64, seed=1)
+    with torch.no_grad():
+        emb = evaluator.encode_images(x)
+    return cas.build_reference_bank(emb, labels, k=3, evaluator_id=evaluator.id,
+                                    knowledge_version=knowledge.content_hash())
+
+
+def test_dimensions_are_batched_and_in_unit_interval(evaluator, texts, bank) -> None:
+    x, labels = images_and_labels(12, seed=2)
+    dims = cas.CASScorer(evaluator, texts, bank).dimensions(x, labels)
+    assert set(dims) == set(cas.DIMENSIONS)
+    for name, value in dims.items():
+        assert value.shape == (12,), name
+        assert torch.all((value >= 0) & (value <= 1)), name
+
+
+class Blind:
+    """An evaluator that cannot tell images apart (constant image embedding, zero logit scale)."""
+
+    def __init__(self, inner):
+        self.inner, self.logit_scale, self.id = inner, 0.0, "blind"
+
+    def encode_texts(self, prompts):
+        return self.inner.encode_texts(prompts)
+
+    def encode_images(self, images):
+        return F.normalize(torch.ones(images.shape[0], 64), dim=-1) + 0 * images.sum()
+
+
+def test_blind_evaluator_gives_chance_values(evaluator, texts) -> None:
+    x, labels = images_and_labels(8, seed=3)
+    dims = cas.CASScorer(Blind(evaluator), texts, None).dimensions(x, labels)
+    assert torch.allclose(dims["label"], torch.full((8,), 1 / 4))  # four phantom cxr labels
+    assert torch.allclose(dims["checklist"], torch.full((8,), 0.5))
+    assert torch.allclose(dims["modality"], torch.full((8,), 1 / 8))  # 4 modalities + 4 distractors
+
+
+def test_weights_are_validated() -> None:
+    assert cas.check_weights(EQUAL) == EQUAL
+    with pytest.raises(UserError, match="must sum to 1"):
+        cas.check_weights({"label": 0.5, "checklist": 0.6})
+    with pytest.raises(UserError, match="unknown CAS dimension"):
+        cas.check_weights({"label": 0.5, "beauty": 0.5})
+    with pytest.raises(UserError, match=">= 0"):
+        cas.check_weights({"label": 1.5, "checklist": -0.5})
+    assert cas.normalise_weights({"label": 2, "checklist": 2}) == {
+        "label": 0.5, "checklist": 0.5, "modality": 0.0, "realism": 0.0}
+    with pytest.raises(UserError, match="cannot be normalised"):
+        cas.normalise_weights({"label": 0})
+
+
+def test_combine_is_the_weighted_sum() -> None:
+    dims = {d: torch.tensor([0.1 * (i + 1), 0.2]) for i, d in enumerate(cas.DIMENSIONS)}
+    out = cas.combine(dims, {"label": 0.5, "realism": 0.5, "checklist": 0, "modality": 0})
+    assert torch.allclose(out, torch.tensor([0.5 * 0.1 + 0.5 * 0.4, 0.2]))
+
+
+def test_tail_rate_of_real_images_matches_q(evaluator, texts, bank, knowledge) -> None:
+    scorer = cas.CASScorer(evaluator, texts, bank)
+    with torch.no_grad():
+        ref, ref_labels = images_and_labels(300, seed=10)
+        held, held_labels = images_and_labels(300, seed=11)
+        cas_ref, _ = scorer.score(ref, ref_labels, EQUAL)
+        cas_held, _ = scorer.score(held, held_labels, EQUAL)
+    thr = cas.compute_threshold(cas_ref, 0.1, modality="cxr", evaluator_id=evaluator.id,
+                                knowledge_version=knowledge.content_hash(), weights=EQUAL)
+    rate = cas.tail_rate(cas_held, thr.tau)
+    sigma = np.sqrt(0.1 * 0.9 / 300)
+    assert abs(rate - 0.1) < 4 * sigma, rate  # sampling error of an independent real set
+    assert cas.tail_rate(cas_ref, thr.tau) == pytest.approx(0.1, abs=1 / 300)
+
+
+def test_threshold_mismatch_raises(tmp_path: Path) -> None:
+    thr = cas.compute_threshold(np.linspace(0, 1, 101), 0.1, modality="cxr", evaluator_id="local-dir:a",
+                                knowledge_version="k1", weights=EQUAL)
+    assert thr.tau == pytest.approx(0.1)
+    path = thr.save(tmp_path / "tau.json")
+    assert cas.Threshold.load(path, evaluator_id="local-dir:a", knowledge_version="k1", q=0.1).tau == thr.tau
+    with pytest.raises(UserError, match="evaluator_id='local-dir:a' but the current one is 'local-dir:b'"):
+        cas.Threshold.load(path, evaluator_id="local-dir:b", knowledge_version="k1")
+    with pytest.raises(UserError, match="knowledge_version='k1' but the current one is 'k2'"):
+        cas.Threshold.load(path, evaluator_id="local-dir:a", knowledge_version="k2")
+    with pytest.raises(UserError, match="q=0.2 was asked"):
+        cas.Threshold.load(path, evaluator_id="local-dir:a", knowledge_version="k1", q=0.2)
+
+
+def test_reference_bank_round_trip_and_mismatch(bank, tmp_path: Path) -> None:
+    path = bank.save(tmp_path / "bank.safetensors")
+    again = cas.ReferenceBank.load(path, evaluator_id=bank.evaluator_id, knowledge_version=bank.knowledge_version)
+    assert again.median == bank.median and again.k == bank.k
+    for lab, emb in bank.embeddings.items():
+        assert torch.equal(again.embeddings[lab], emb)
+    with pytest.raises(UserError, match="reference bank"):
+        cas.ReferenceBank.load(path, evaluator_id="other", knowledge_version=bank.knowledge_version)
+
+
+def test_realism_is_high_for_real_and_low_for_noise(evaluator, bank) -> None:
+    x, labels = images_and_labels(32, seed=4)
+    noise = torch.rand_like(x) * 2 - 1
+    with torch.no_grad():
+        real = bank.realism(evaluator.encode_images(x), labels)
+        fake = bank.realism(evaluator.encode_images(noise), labels)
+    assert real.mean() > fake.mean()
+
+
+def test_tail_metrics_by_hand() -> None:
+    assert cas.tail_rate(np.array([0.1, 0.2, 0.3, 0.4]), 0.25) == 0.5
+    red = cas.tail_reduction(0.1, 0.4)
+    assert red["absolute"] == pytest.approx(0.3) and red["relative"] == pytest.approx(0.75)
+    est, lo, hi = cas.bootstrap_ci(np.arange(100.0), n_boot=500)
+    assert est == pytest.approx(49.5) and lo < 49.5 < hi and hi - lo < 20
+    rate, lo, hi = cas.tail_rate_ci(np.r_[np.zeros(20), np.ones(80)], 0.5, n_boot=500)
+    assert rate == pytest.approx(0.2) and lo < 0.2 < hi
+    ci = cas.tail_reduction_ci(np.r_[np.zeros(10), np.ones(90)], np.r_[np.zeros(40), np.ones(60)], 0.5,
+                               n_boot=500)
+    assert ci["absolute"][0] == pytest.approx(0.3) and ci["absolute"][1] < 0.3 < ci["absolute"][2]
+    assert ci["relative"][0] == pytest.approx(0.75)
+
+
+def test_checklist_judge_twin_and_gating() -> None:
+    p = np.array([[0.9, 0.8, 0.6], [0.2, 0.9, 0.9]])
+    ids = ["lesion", "border", "colour"]
+    parents = {"lesion": None, "border": "lesion", "colour": "border"}
+    assert np.allclose(cas.checklist_judge(p, ids, parents), [(0.9 + 0.8 + 0.6) / 3, (0.2 + 0.9 + 0.9) / 3])
+    # second image: the root is answered no, so both descendants count 0
+    assert np.allclose(cas.checklist_judge(p, ids, parents, gating=True), [(0.9 + 0.8 + 0.6) / 3, 0.2 / 3])
+    with pytest.raises(UserError, match="p_yes must be"):
+        cas.checklist_judge(p[:, :2], ids, parents)
+
+
+def test_reward_gradient_matches_finite_differences(evaluator, texts, bank) -> None:
+    ev64 = load_evaluator(_Cfg(evaluator.id, "vit")).to(dtype=torch.float64)
+    texts64 = cas.build_texts(ev64, load_shipped("cxr", "phantom"), "cxr")
+    bank64 = cas.ReferenceBank({k: v.double() for k, v in bank.embeddings.items()}, bank.median, bank.spread,
+                               bank.k, bank.evaluator_id, bank.knowledge_version)
+    reward_fn = make_reward(EQUAL, cas.CASScorer(ev64, texts64, bank64))
+    x, labels = images_and_labels(2, seed=5)
+    x = x.double().requires_grad_(True)
+    meta = [{"label": y} for y in labels]
+    reward, info = reward_fn(x, ["p"] * 2, meta)
+    assert set(info) == set(cas.DIMENSIONS) and not info["label"].requires_grad
+    reward.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    eps = 1e-5
+    for idx in [(0, 0, 20, 30), (1, 2, 40, 10), (0, 1, 32, 32)]:
+        plus, minus = x.detach().clone(), x.detach().clone()
+        plus[idx] += eps
+        minus[idx] -= eps
+        with torch.no_grad():
+            fd = (reward_fn(plus, ["p"] * 2, meta)[0].sum() - reward_fn(minus, ["p"] * 2, meta)[0].sum()) / (2 * eps)
+        assert float(x.grad[idx]) == pytest.approx(float(fd), rel=1e-4, abs=1e-8)
+
+
+def test_reward_refuses_realism_without_bank(evaluator, texts) -> None:
+    with pytest.raises(UserError, match="reference bank"):
+        make_reward(EQUAL, cas.CASScorer(evaluator, texts, None))
