@@ -34,7 +34,7 @@ COMMANDS: dict[str, str] = {
 }
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse that reports usage errors through UserError (exit 2, one line)."""
 
     def error(self, message: str) -> NoReturn:
@@ -43,7 +43,7 @@ class _Parser(argparse.ArgumentParser):
 
 def config_parser(prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
     """A parser with the shared arguments: [CONFIG] [key=value ...] --print-config --debug."""
-    parser = _Parser(
+    parser = Parser(
         prog=f"python -m craft_ray.{prog}",
         description=description,
         epilog=epilog,

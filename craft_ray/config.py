@@ -95,6 +95,9 @@ class EngineConfig:
     device: str = "auto"  # transformers: auto | cpu | cuda
     gpu_memory_utilization: float = 0.85  # vllm: fraction of GPU memory for weights + KV cache
     max_model_len: int = 4096  # vllm: context length in tokens
+    batch_size: int = 16  # transformers: (image, question) pairs per forward pass in p_yes
+    top_logprobs: int = 20  # openai/vllm: alternatives of the first token read for P(yes)
+    concurrency: int = 8  # openai: p_yes requests in flight
 
 
 @dataclass

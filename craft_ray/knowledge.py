@@ -15,9 +15,13 @@ A knowledge file is YAML (or JSON, a subset of YAML), one per (modality, dataset
             present: a chest x-ray whose heart ...   # caption when the finding is seen (CLIP)
             absent: a chest x-ray whose heart ...    # caption when it is not
             parent: thorax_visible  # optional: gate on another item of the label (DSG-style)
+            truth: ctr > 0.5        # phantom files only: the answer from the generator's metadata
 
 ``present`` always states what an image of the label *should* show, so a satisfied item means
-alignment. Files ship in ``craft_ray/knowledge_files/<modality>_<dataset>.yaml``.
+alignment. ``truth`` (allowed only when ``dataset`` is ``phantom``) is a boolean expression over
+the phantom metadata keys and ``label`` (see :mod:`craft_ray.data.phantom.truth`); it answers the
+question for a generated image and is what the tiny judge of the embedded default learns from.
+Files ship in ``craft_ray/knowledge_files/<modality>_<dataset>.yaml``.
 Run ``python -m craft_ray.knowledge --help`` to validate, show and list them.
 """
 
@@ -35,7 +39,8 @@ from typing import Any
 
 import yaml
 
-from craft_ray.cli import _Parser, run
+from craft_ray.cli import Parser, run
+from craft_ray.data.phantom.truth import TruthError, names_for, parse
 from craft_ray.errors import UserError, one_of
 from craft_ray.modalities import MODALITY_NAMES, get_modality
 
@@ -45,7 +50,7 @@ MIN_ITEMS = 4  # checklist items per label
 
 TOP_KEYS = ("version", "modality", "dataset", "description", "labels")
 LABEL_KEYS = ("prompts", "checklist")
-ITEM_KEYS = ("id", "question", "present", "absent", "parent")
+ITEM_KEYS = ("id", "question", "present", "absent", "parent", "truth")
 ITEM_REQUIRED = ("id", "question", "present", "absent")
 _ID = re.compile(r"^[a-z][a-z0-9_]*$")
 
@@ -59,12 +64,15 @@ class ChecklistItem:
     present: str  # caption stating the expected finding is present
     absent: str  # caption stating it is absent
     parent: str | None = None  # id of the gating item of the same label (a "no" there zeroes this one)
+    truth: str | None = None  # phantom only: boolean expression over the generator's metadata and `label`
 
     def to_dict(self) -> dict[str, str]:
-        """Plain mapping in file order; ``parent`` only when set."""
+        """Plain mapping in file order; ``parent`` and ``truth`` only when set."""
         out = {"id": self.id, "question": self.question, "present": self.present, "absent": self.absent}
         if self.parent is not None:
             out["parent"] = self.parent
+        if self.truth is not None:
+            out["truth"] = self.truth
         return out
 
 
@@ -183,7 +191,25 @@ def _mapping(value: object, source: str, where: str, allowed: Sequence[str], req
     return value
 
 
-def _item(value: object, source: str, where: str) -> ChecklistItem:
+def _truth(value: object, source: str, where: str, names: frozenset[str] | None, dataset: str) -> str:
+    if names is None:
+        raise _fail(
+            source,
+            where,
+            f"truth expressions are only allowed in phantom knowledge files, not for dataset {dataset}; "
+            "remove the key",
+        )
+    text = _text(value, source, where)
+    try:
+        parse(text, names)
+    except TruthError as exc:
+        raise _fail(source, where, str(exc)) from exc
+    return text
+
+
+def _item(
+    value: object, source: str, where: str, names: frozenset[str] | None, dataset: str
+) -> ChecklistItem:
     raw = _mapping(value, source, where, ITEM_KEYS, ITEM_REQUIRED)
     fields = {key: _text(raw[key], source, f"{where}.{key}") for key in ITEM_REQUIRED}
     if not _ID.match(fields["id"]):
@@ -194,7 +220,8 @@ def _item(value: object, source: str, where: str) -> ChecklistItem:
         )
     # null parent = no gating: structured JSON from the checklist builder spells "none" that way
     parent = _text(raw["parent"], source, f"{where}.parent") if raw.get("parent") is not None else None
-    return ChecklistItem(parent=parent, **fields)
+    truth = _truth(raw["truth"], source, f"{where}.truth", names, dataset) if raw.get("truth") is not None else None
+    return ChecklistItem(parent=parent, truth=truth, **fields)
 
 
 def _check_parents(items: list[ChecklistItem], source: str, where: str) -> None:
@@ -223,7 +250,9 @@ def _check_parents(items: list[ChecklistItem], source: str, where: str) -> None:
             node = parents[node]
 
 
-def _label(value: object, source: str, where: str) -> LabelKnowledge:
+def _label(
+    value: object, source: str, where: str, names: frozenset[str] | None, dataset: str
+) -> LabelKnowledge:
     raw = _mapping(value, source, where, LABEL_KEYS, LABEL_KEYS)
     prompts_raw, items_raw = raw["prompts"], raw["checklist"]
     if not isinstance(prompts_raw, list):
@@ -248,7 +277,7 @@ def _label(value: object, source: str, where: str) -> LabelKnowledge:
         )
     items: list[ChecklistItem] = []
     for i, raw_item in enumerate(items_raw):
-        item = _item(raw_item, source, f"{where}.checklist[{i}]")
+        item = _item(raw_item, source, f"{where}.checklist[{i}]", names, dataset)
         ids = [prev.id for prev in items]
         if item.id in ids:
             raise _fail(
@@ -306,7 +335,8 @@ def validate(data: object, source: str = "<memory>") -> Knowledge:
             "labels",
             f"missing label(s) {', '.join(missing)} of {modality_name} ({dataset}); every label needs an entry",
         )
-    entries = {name: _label(labels_raw[name], source, f"labels.{name}") for name in expected}
+    names = names_for(modality_name) if dataset == "phantom" else None
+    entries = {name: _label(labels_raw[name], source, f"labels.{name}", names, dataset) for name in expected}
     return Knowledge(version, modality_name, dataset, description, entries, source=source)
 
 
@@ -371,7 +401,8 @@ def _summary(knowledge: Knowledge, verbose: bool) -> list[str]:
                 depth, node = 1, item.parent
                 while node is not None:  # validated: parents exist and form a tree
                     depth, node = depth + 1, parents[node]
-                lines.append(f"{'  ' * depth}- [{item.id}] {item.question}")
+                truth = f"  (truth: {item.truth})" if item.truth is not None else ""
+                lines.append(f"{'  ' * depth}- [{item.id}] {item.question}{truth}")
     return lines
 
 
@@ -414,7 +445,7 @@ def _cmd_build(ns: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m craft_ray.knowledge`` parser with its subcommands."""
-    parser = _Parser(
+    parser = Parser(
         prog="python -m craft_ray.knowledge",
         description="Validate, show and list clinical knowledge files (enriched prompts + checklists).",
         epilog="examples:\n"

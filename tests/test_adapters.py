@@ -24,6 +24,7 @@ from craft_ray.data.adapters import (
     odir_label,
     parse_split,
 )
+from craft_ray.data.dataset import ImageDataset
 from craft_ray.data.manifest import read_manifest
 from craft_ray.errors import UserError
 
@@ -153,6 +154,8 @@ def test_chexpert_lateral_views_and_patient_grouping(tmp_path: Path) -> None:
     assert got["patient64542/study1/view1_lateral.jpg"] == ("no_finding", "test")
     groups = _splits_by_group(report.manifest, "cxr", "chexpert")
     assert groups["patient00001"] in ({"train"}, {"val"})
+    item = ImageDataset(read_manifest(report.manifest, "cxr", "chexpert"), "test", 4)[0]  # adapter -> training item
+    assert item["prompt"] == "a chest x-ray showing a lung lesion" and item["pixels"].shape == (3, 4, 4)
     with pytest.raises(UserError, match="valid.csv is the test split already"):
         chexpert(root, tmp_path / "m.csv", split={"train": 0.8, "val": 0.1, "test": 0.1})
 

@@ -86,7 +86,7 @@ def test_json_round_trip_and_null_parent(tmp_path: Path, cxr_data: dict) -> None
     saved = knowledge.save(tmp_path / "cxr.json")
     assert json.loads(saved.read_text())["labels"]["nodule"]["checklist"][0] == {
         key: cxr_data["labels"]["nodule"]["checklist"][0][key]
-        for key in ("id", "question", "present", "absent")
+        for key in ("id", "question", "present", "absent", "truth")
     }
     assert load_knowledge(saved).content_hash() == load_shipped("cxr").content_hash()
 

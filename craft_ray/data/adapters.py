@@ -634,12 +634,14 @@ def _common(p: argparse.ArgumentParser, *, skip_missing: bool = True) -> None:
     p.add_argument("--root", required=True, help="folder of the official download")
     p.add_argument("--out", required=True, help="manifest CSV to write (image paths are stored relative to it)")
     p.add_argument("--split", type=parse_split, default=None,
-                   help="split fractions, e.g. train=0.8,val=0.1,test=0.1 (default: the dataset's, see its help)")
+                   help="split fractions (default: train=0.8,val=0.1,test=0.1; train=0.9,val=0.1 where an "
+                        "official held-out set is the test split)")
     p.add_argument("--seed", type=int, default=0, help="seed of the split draw")
     if skip_missing:
         p.add_argument("--skip-missing", action="store_true",
                        help="leave out rows whose image file is absent (default: fail, naming them)")
-    p.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    # SUPPRESS: an unset sub-command flag must not overwrite a --debug given before the sub-command.
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks on errors")
 
 
 def _report(fn: Callable[..., AdapterReport], *options: str) -> Callable[[argparse.Namespace], int]:

@@ -6,7 +6,6 @@ a real manifest CSV, or the phantom world generated once into ``cfg.data.cache_d
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -163,17 +162,9 @@ def phantom_cache_dir(cfg: Any) -> Path:
     return Path(d.cache_dir).expanduser().absolute() / name
 
 
-def _scalar(value: Any) -> Any:
-    """A CSV-friendly metadata value: numpy scalars unwrapped, lists and dicts as JSON."""
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, (list, tuple, dict, np.ndarray)):
-        return json.dumps(value.tolist() if isinstance(value, np.ndarray) else value)
-    return value
-
-
 def _generate_phantom(cfg: Any, folder: Path) -> None:
     from craft_ray.data import phantom  # imported here: only the phantom source needs the generator
+    from craft_ray.data.phantom.export import meta_columns
 
     rows = []
     # One generator call per split with its own seed, so splits never share an image.
@@ -185,8 +176,8 @@ def _generate_phantom(cfg: Any, folder: Path) -> None:
         for j, (pixels, label, meta) in enumerate(zip(batch.images, batch.labels, batch.meta, strict=True)):
             rel = f"{split}/{j:05d}.png"
             Image.fromarray(pixels).save(folder / rel)
-            # Ground-truth feature values become manifest columns (lists as JSON) for the oracle and audits.
-            rows.append({**{k: _scalar(v) for k, v in meta.items()}, "path": rel, "label": label, "split": split})
+            # Ground-truth feature values become manifest columns, in the same format as the data CLI writes.
+            rows.append({**meta_columns(meta), "path": rel, "label": label, "split": split})
     write_manifest(folder / "manifest.csv", rows)
 
 

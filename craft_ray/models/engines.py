@@ -187,6 +187,7 @@ def yes_no_messages(image: Image.Image, question: str) -> list[Message]:
 
 def yes_no_group(token: str) -> str | None:
     """'yes' / 'no' when the token text is a variant of the word ("Yes", " yes", "▁no"), else None."""
+    # Some servers return raw SentencePiece ("\u2581") or byte-level BPE ("\u0120") pieces.
     word = token.replace("\u2581", " ").replace("\u0120", " ").strip().lower()
     return word if word in ("yes", "no") else None
 
@@ -225,7 +226,11 @@ def check_json(text: str, schema: dict) -> Any:
 
 # ---------------------------------------------------------------- OpenAI wire format (client and server)
 def response_format(schema: dict, name: str = "response") -> dict:
-    """OpenAI ``response_format`` asking for JSON valid under ``schema``."""
+    """OpenAI ``response_format`` asking for JSON valid under ``schema``.
+
+    Hosted OpenAI models in strict mode also require every property to be listed in ``required`` and
+    ``additionalProperties: false``; vLLM and the judges accept any schema their grammar supports.
+    """
     return {"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}}
 
 
@@ -273,6 +278,8 @@ def parse_chat_request(body: Any, default_max_tokens: int) -> tuple[list[Message
         raise UserError(f"temperature must be a number in [0, 2], got {temperature!r}")
     schema = None
     fmt = body.get("response_format") or {"type": "text"}
+    if not isinstance(fmt, dict):
+        raise UserError(f"response_format must be an object like {{'type': 'json_schema', ...}}, got {fmt!r}")
     if fmt.get("type") == "json_schema":
         schema = (fmt.get("json_schema") or {}).get("schema")
         if not isinstance(schema, dict):
@@ -430,11 +437,13 @@ class TransformersEngine(LLMEngine):
             self.eos_ids[0] if self.eos_ids else 0)
         self._texts: list[str | None] | None = None
         self._yes_no: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._constraints: dict[str, TokenConstraint] = {}
 
     @classmethod
     def from_config(cls, cfg: EngineConfig | DictConfig) -> TransformersEngine:
         """Engine from ``judges.engine``."""
-        return cls(cfg.model, device=cfg.device, dtype=cfg.dtype, max_new_tokens=cfg.max_new_tokens)
+        return cls(cfg.model, device=cfg.device, dtype=cfg.dtype, max_new_tokens=cfg.max_new_tokens,
+                   batch_size=cfg.batch_size)
 
     @property
     def texts(self) -> list[str | None]:
@@ -496,7 +505,7 @@ class TransformersEngine(LLMEngine):
         prompt_len = inputs["input_ids"].shape[1]
         constraint = None
         if json_schema is not None:
-            constraint = TokenConstraint(JsonGrammar(json_schema), self.texts, self.eos_ids)
+            constraint = self._constraint(json_schema)
             constraint.check_budget(max_tokens)
         picker = _Picker(constraint, prompt_len, max_tokens, temperature, self.eos_ids)
         with torch.no_grad():
@@ -525,9 +534,18 @@ class TransformersEngine(LLMEngine):
                 logp = torch.log_softmax(out.logits[step][0].float(), dim=-1)
                 top = torch.topk(logp, top_logprobs) if top_logprobs else None
                 alts = [] if top is None else [(self._token_str(i), float(v))
-                                               for v, i in zip(top.values.tolist(), top.indices.tolist())]
+                                               for v, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)]
                 tokens.append(TokenLogprob(self._token_str(tid), float(logp[tid]), alts))
         return Completion(text, finish, Usage(prompt_len, len(out.sequences[0]) - prompt_len), tokens)
+
+    def _constraint(self, schema: dict) -> TokenConstraint:
+        """The token constraint of ``schema``, kept per schema so its transition cache serves every request."""
+        key = json.dumps(schema, sort_keys=True)
+        if key not in self._constraints:
+            if len(self._constraints) >= 16:
+                self._constraints.pop(next(iter(self._constraints)))
+            self._constraints[key] = TokenConstraint(JsonGrammar(schema), self.texts, self.eos_ids)
+        return self._constraints[key]
 
     def _token_str(self, token_id: int) -> str:
         text = self.texts[token_id] if token_id < len(self.texts) else None
@@ -546,8 +564,8 @@ class TransformersEngine(LLMEngine):
                             torch.tensor(groups["no"], device=self.device))
         return self._yes_no
 
-    def yes_no_log_odds(self, images: list[Image.Image], questions: list[str]) -> torch.Tensor:
-        """log mass(yes) - log mass(no) of the next token, shape [B]; differentiable (used for training)."""
+    def next_token_logprobs(self, images: list[Image.Image], questions: list[str]) -> torch.Tensor:
+        """Log-probabilities of the token after the yes/no prompt, shape [B, V]; differentiable (training)."""
         if not self.multimodal:
             raise UserError(f"judge model {self.model_id!r} is text-only; P(yes) about images needs a VLM")
         if len(images) != len(questions):
@@ -558,7 +576,11 @@ class TransformersEngine(LLMEngine):
         inputs = self._encode(conversations, [img.convert("RGB") for img in images])
         logits = self.model(**inputs).logits  # [B, L, V]
         last = inputs["attention_mask"].sum(dim=1) - 1  # right padding: last real position per row
-        logp = torch.log_softmax(logits[torch.arange(len(questions), device=self.device), last].float(), dim=-1)
+        return torch.log_softmax(logits[torch.arange(len(questions), device=self.device), last].float(), dim=-1)
+
+    def yes_no_log_odds(self, images: list[Image.Image], questions: list[str]) -> torch.Tensor:
+        """log mass(yes variants) - log mass(no variants) of the next token, shape [B]; differentiable."""
+        logp = self.next_token_logprobs(images, questions)
         yes, no = self._yes_no_ids()
         return torch.logsumexp(logp[:, yes], dim=-1) - torch.logsumexp(logp[:, no], dim=-1)
 
@@ -609,7 +631,8 @@ class OpenAIEngine(LLMEngine):
     def from_config(cls, cfg: EngineConfig | DictConfig) -> OpenAIEngine:
         """Engine from ``judges.engine``."""
         return cls(cfg.model, base_url=cfg.base_url, api_key_env=cfg.api_key_env, timeout_s=cfg.timeout_s,
-                   max_retries=cfg.max_retries, max_new_tokens=cfg.max_new_tokens)
+                   max_retries=cfg.max_retries, max_new_tokens=cfg.max_new_tokens,
+                   top_logprobs=cfg.top_logprobs, concurrency=cfg.concurrency)
 
     def _post(self, body: dict) -> Completion:
         openai = self._openai
@@ -666,7 +689,7 @@ class OpenAIEngine(LLMEngine):
 def vllm_tokens(output: Any) -> list[TokenLogprob]:
     """TokenLogprobs from a vLLM ``CompletionOutput`` (``token_ids`` + ``logprobs``: [{id: Logprob}])."""
     tokens = []
-    for tid, alternatives in zip(output.token_ids, output.logprobs or []):
+    for tid, alternatives in zip(output.token_ids, output.logprobs or [], strict=False):
         ranked = sorted(alternatives.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)
         top = [(lp.decoded_token, float(lp.logprob)) for _, lp in ranked]
         chosen = alternatives[tid]
@@ -698,7 +721,8 @@ class VLLMEngine(LLMEngine):
     def from_config(cls, cfg: EngineConfig | DictConfig) -> VLLMEngine:
         """Engine from ``judges.engine``."""
         return cls(cfg.model, dtype=cfg.dtype, gpu_memory_utilization=cfg.gpu_memory_utilization,
-                   max_model_len=cfg.max_model_len, max_new_tokens=cfg.max_new_tokens)
+                   max_model_len=cfg.max_model_len, max_new_tokens=cfg.max_new_tokens,
+                   top_logprobs=cfg.top_logprobs)
 
     def _params(self, max_tokens: int, temperature: float, json_schema: dict | None, top_logprobs: int) -> Any:
         kwargs: dict[str, Any] = {"max_tokens": max_tokens, "temperature": temperature,
@@ -740,9 +764,12 @@ class VLLMEngine(LLMEngine):
         """P(yes) per pair; all pairs in one ``LLM.chat`` batch with max_tokens=1."""
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
-        conversations = [yes_no_messages(img, q) for img, q in zip(images, questions)]
+        conversations = [yes_no_messages(img, q) for img, q in zip(images, questions, strict=True)]
         results = self.llm.chat(conversations, self._params(1, 0.0, None, self.top_logprobs), use_tqdm=False)
-        return [p_yes_from_top_logprobs(vllm_tokens(r.outputs[0])[0].top_logprobs) for r in results]
+        first = [vllm_tokens(r.outputs[0])[:1] for r in results]
+        if not all(first):
+            raise EngineError(f"vLLM returned no logprobs for {self.model_id!r}; P(yes) needs them")
+        return [p_yes_from_top_logprobs(tokens[0].top_logprobs) for tokens in first]
 
 
 ENGINES: dict[str, type] = {"transformers": TransformersEngine, "openai": OpenAIEngine, "vllm": VLLMEngine}

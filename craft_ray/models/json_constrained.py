@@ -101,10 +101,10 @@ class _Compiler:
             return self.refs[ref]
         if ref in self.resolving:
             raise UserError(f"JSON schema at {path}: recursive $ref {ref!r} is not supported by constrained decoding")
-        if not ref.startswith("#/"):
+        if not ref.startswith("#/") and ref != "#":
             raise UserError(f"JSON schema at {path}: only local $ref like '#/$defs/Name' is supported, got {ref!r}")
         target: Any = self.root
-        for part in ref[2:].split("/"):
+        for part in ref[2:].split("/") if ref != "#" else []:
             part = part.replace("~1", "/").replace("~0", "~")
             if not isinstance(target, dict) or part not in target:
                 raise UserError(f"JSON schema at {path}: $ref {ref!r} points nowhere")
@@ -190,7 +190,9 @@ class _Compiler:
 
 def compile_schema(schema: dict) -> Any:
     """Compile a JSON schema into grammar nodes, refusing any keyword the grammar cannot enforce."""
-    return _Compiler(schema).node(schema, "#")
+    compiler = _Compiler(schema)
+    compiler.resolving.add("#")  # a $ref to the root from inside it is recursion
+    return compiler.node(schema, "#")
 
 
 # ---------------------------------------------------------------- character-level parser
@@ -277,6 +279,8 @@ def _step(frame: tuple, c: str) -> Any:
                 return _DONE if node.min_items == 0 else None
             if phase == "comma" and c == " ":
                 return (("arr", node, "comma_ws", count),)
+            if node.max_items == 0:
+                return None
             child = _start(node.items, c)
             return None if child is None else (("arr", node, "value", count), child)
         if phase == "after":
@@ -541,7 +545,7 @@ class TokenConstraint:
         """Greedy (temperature 0) or sampled token among the allowed ones; ``scores`` is [V] logits."""
         budget_after = budget - 1
         vocab = min(scores.shape[-1], len(self.texts))
-        scores = scores[:vocab].float()
+        scores = scores[:vocab].float().cpu()  # the per-token checks run in Python: one transfer, not many
         if temperature <= 0:
             for k in (64, vocab):
                 for tid in torch.topk(scores, min(k, vocab)).indices.tolist():

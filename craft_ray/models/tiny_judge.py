@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tqdm import tqdm
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
@@ -189,10 +190,53 @@ def make_tiny_text_lm(out_dir: str | Path, *, seed: int = 0) -> Path:
     return out
 
 
+def answer_token_ids(tokenizer: PreTrainedTokenizerFast) -> tuple[int, int]:
+    """Ids of the answers " yes" and " no" as they follow the chat template's "ASSISTANT:"."""
+    ids = [tokenizer.encode(word, add_special_tokens=False) for word in (" yes", " no")]
+    if any(len(i) != 1 for i in ids):
+        raise ValueError("the tokenizer splits ' yes' or ' no'; build it with build_tokenizer()")
+    return ids[0][0], ids[1][0]
+
+
 def yes_no_loss(
     engine: TransformersEngine, images: list[Image.Image], questions: list[str], answers: list[bool]
 ) -> torch.Tensor:
-    """Binary cross-entropy of the engine's yes/no log-odds against ``answers`` (scalar, differentiable)."""
-    log_odds = engine.yes_no_log_odds(images, questions)
-    target = torch.tensor(answers, dtype=log_odds.dtype, device=log_odds.device)
-    return torch.nn.functional.binary_cross_entropy_with_logits(log_odds, target)
+    """Next-token cross-entropy of the answer (" yes"/" no") after the engine's yes/no prompt (scalar).
+
+    Training the full next-token distribution (not only the restricted yes/no odds) makes the
+    judge put its mass on yes/no, as a real instruction-tuned VLM does, so served engines that
+    only see the top-k alternatives read the same P(yes).
+    """
+    logp = engine.next_token_logprobs(images, questions)
+    yes_id, no_id = answer_token_ids(engine.tokenizer)
+    target = torch.tensor([yes_id if a else no_id for a in answers], device=logp.device)
+    return torch.nn.functional.nll_loss(logp, target)
+
+
+def fit_yes_no(
+    engine: TransformersEngine,
+    images: list[Image.Image],
+    questions: list[str],
+    answers: list[bool],
+    *,
+    steps: int,
+    lr: float = 3e-3,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> list[float]:
+    """Train ``engine.model`` in place with AdamW on shuffled mini-batches; returns the loss per step."""
+    if not len(images) == len(questions) == len(answers):
+        raise ValueError(f"{len(images)} images, {len(questions)} questions, {len(answers)} answers")
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(engine.model.parameters(), lr=lr)
+    engine.model.train()
+    losses = []
+    for _ in tqdm(range(steps), desc="train judge", disable=steps < 50):
+        idx = torch.randperm(len(images), generator=gen)[:batch_size].tolist()
+        loss = yes_no_loss(engine, [images[i] for i in idx], [questions[i] for i in idx], [answers[i] for i in idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    engine.model.eval()
+    return losses

@@ -15,7 +15,7 @@ import numpy as np
 
 from craft_ray.data.phantom import cxr, derm, fundus, histo
 from craft_ray.data.phantom.raster import to_uint8
-from craft_ray.errors import UserError
+from craft_ray.errors import UserError, one_of
 from craft_ray.modalities import MODALITY_NAMES, get_modality
 
 GENERATORS: dict[str, Callable[[str, np.random.Generator, int], tuple[np.ndarray, dict]]] = {
@@ -44,7 +44,7 @@ def image_rng(seed: int, index: int) -> np.random.Generator:
 def check(modality: str, n: int = 1, size: int = 64, seed: int = 0) -> list[str]:
     """Validate generation arguments; returns the modality's phantom labels (class-index order)."""
     if modality not in GENERATORS:
-        raise UserError(f"unknown modality {modality!r}; known: {', '.join(MODALITY_NAMES)}")
+        raise one_of("modality", modality, MODALITY_NAMES)
     if n <= 0:
         raise UserError(f"number of images must be positive, got {n}; pass e.g. --n 1000")
     if size < MIN_SIZE:

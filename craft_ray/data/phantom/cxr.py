@@ -10,11 +10,11 @@ import numpy as np
 
 from craft_ray.data.phantom.raster import F32, ellipse, grid, noisy, paint, soft, stamp_ellipses, waves
 
-LABELS = ("no_finding", "cardiomegaly", "pleural_effusion", "nodule")
 CTR_NORMAL = (0.35, 0.45)  # cardiothoracic ratio of every label but cardiomegaly
 CTR_ENLARGED = (0.55, 0.70)
 EFFUSION_FRACTION = (0.25, 0.40)  # share of the lung field's height filled from below
 NODULE_RADIUS = (2.0, 4.0)  # px at 64
+_MAX_TRIES = 2000
 
 
 def _place_nodules(
@@ -23,7 +23,9 @@ def _place_nodules(
     """Nodule centres and radii inside a lung field, clear of its border, the heart and each other."""
     hcx, hcy, hx, hy = heart
     placed: list[tuple[float, float, float]] = []
-    while len(placed) < count:
+    for _ in range(_MAX_TRIES):
+        if len(placed) == count:
+            return placed
         r = rng.uniform(*NODULE_RADIUS) * s
         lcx, lcy, la, lb = lungs[rng.integers(2)]
         # Middle band of the lung: a nodule never touches the lung's outline or its base.
@@ -35,6 +37,8 @@ def _place_nodules(
         apart = all(np.hypot(x - px, y - py) > r + pr + 3 * s for px, py, pr in placed)
         if in_lung and off_heart and apart:
             placed.append((x, y, r))
+    if len(placed) < count:
+        raise RuntimeError(f"could not place {count} nodules in {_MAX_TRIES} tries (generator bug)")
     return placed
 
 
@@ -92,7 +96,7 @@ def generate(label: str, rng: np.random.Generator, size: int) -> tuple[np.ndarra
 
     if label == "nodule":
         nodules = _place_nodules(rng, int(rng.integers(1, 3)), s, lungs, (hcx, hcy, hx, hy))
-        x, y, r = (np.array(v) for v in zip(*nodules, strict=True))
+        x, y, r = np.array(nodules).T
         strength = stamp_ellipses(size, x, y, r, r, np.zeros_like(r), np.ones_like(r))
         paint(img, strength, rng.uniform(0.58, 0.75))
         meta["nodule_count"] = len(nodules)

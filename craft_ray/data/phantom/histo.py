@@ -11,7 +11,6 @@ import numpy as np
 
 from craft_ray.data.phantom.raster import F32, grid, noisy, paint, paint_ellipse, stamp_ellipses, waves
 
-LABELS = ("normal", "tumor", "stroma")
 NORMAL_RADIUS = (1.5, 2.5)  # nuclear radius, px at 64
 TUMOR_RADIUS = (3.0, 5.0)
 TUMOR_DENSITY = (0.35, 0.50)  # target share of the patch covered by nuclei

@@ -17,7 +17,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from craft_ray.data.phantom.derm import PALETTE
-from craft_ray.errors import UserError
+from craft_ray.errors import UserError, one_of
 from craft_ray.modalities import MODALITY_NAMES
 
 
@@ -64,6 +64,29 @@ def _width(mask: np.ndarray) -> int:
 # --- cxr ---------------------------------------------------------------------------------------
 
 
+def _heart_width(sm: np.ndarray, heart: np.ndarray, lungs: np.ndarray) -> int:
+    """Widest row of the heart, its edges taken halfway between heart and lung grey levels.
+
+    The heart's sides lie over the lungs, so the tissue-heart threshold that finds the heart
+    would cut its sides short; each row's run is extended against the lung level instead, by at
+    most the blur width (an effusion next to the heart is as bright as the blurred edge).
+    """
+    if not heart.any() or not lungs.any():
+        return _width(heart)
+    mid = (np.median(sm[heart]) + np.median(sm[lungs])) / 2
+    reach = max(int(round(2 * sm.shape[0] / 64)), 1)
+    widest = 0
+    for r in np.flatnonzero(heart.any(axis=1)):
+        inside = np.flatnonzero(heart[r])
+        above = sm[r] > mid
+        left, right = inside[0], inside[-1]
+        for _ in range(reach):
+            left -= int(left > 0 and above[left - 1])
+            right += int(right < len(above) - 1 and above[right + 1])
+        widest = max(widest, right - left + 1)
+    return int(widest)
+
+
 def measure_cxr(image: np.ndarray) -> dict:
     """CTR, nodule count/radii and lung-base asymmetry (effusion) of a phantom radiograph."""
     gray = _float(image)
@@ -72,9 +95,13 @@ def measure_cxr(image: np.ndarray) -> dict:
     sm = _smooth(gray, 0.7 * s)
     thorax = ndi.binary_fill_holes(_largest(sm > 0.135))
     heart = _largest((sm > 0.695) & thorax)
-    thorax_w, heart_w = _width(thorax), _width(heart)
     # The thorax's blurred rim is as dark as the lungs: erode it away before looking for lung fields.
-    lungs = (sm < 0.40) & ndi.binary_erosion(thorax, iterations=max(int(round(2 * s)), 1))
+    dark = (sm < 0.40) & ndi.binary_erosion(thorax, iterations=max(int(round(2 * s)), 1))
+    lab, _ = ndi.label(dark)
+    sizes = np.bincount(lab.ravel())
+    sizes[0] = 0
+    lungs = (sizes >= 30 * s * s)[lab]  # lung fields only, not dark noise specks along the rim
+    thorax_w, heart_w = _width(thorax), _heart_width(sm, heart, lungs)
     nodules = _components(ndi.binary_fill_holes(lungs) & ~lungs, 0.4 * np.pi * (2 * s) ** 2)
     # Effusion raises one lung's base: compare the lowest dark row of the two halves.
     cols = np.flatnonzero(thorax.any(axis=0))
@@ -185,8 +212,8 @@ def measure_fundus(image: np.ndarray) -> dict:
     red = sm[..., 0] * inner
     w = ndi.gaussian_filter(inner.astype(np.float32), 3 * s)
     local = ndi.gaussian_filter(red, 3 * s) / np.maximum(w, 1e-3)
-    dark = (red < 0.55 * local) & inner & ~ndi.binary_dilation(disc, iterations=max(int(round(2 * s)), 1))
-    small = [c for c in _components(dark, 1.5 * s * s) if c[0] <= 14 * s * s and max(c[1], c[2]) <= 5 * s]
+    dark = (red < 0.6 * local) & inner & ~ndi.binary_dilation(disc, iterations=max(int(round(2 * s)), 1))
+    small = [c for c in _components(dark, 1.5 * s * s) if c[0] <= 20 * s * s and max(c[1], c[2]) <= 6 * s]
     return {"cup_to_disc": cdr, "dot_count": len(small), "exudate_count": len(exudates)}
 
 
@@ -224,6 +251,25 @@ def classify_histo(f: dict) -> str:
     return "tumor" if f["nuclear_density"] >= 0.15 else "stroma"
 
 
+# --- which modality ----------------------------------------------------------------------------
+
+
+def modality_of(image: np.ndarray) -> str:
+    """Which phantom modality a uint8 image [H, W, 3] looks like (evaluation only, never a reward)."""
+    # Grey -> cxr; black corners around a bright field -> fundus; blue above green (eosin pink,
+    # haematoxylin purple) -> histo; otherwise skin tones (blue below green) -> derm.
+    img = _float(image)
+    if img.ndim == 2 or np.abs(img - img.mean(axis=2, keepdims=True)).mean() < 0.03:
+        return "cxr"
+    size = img.shape[0]
+    k = max(size // 10, 1)
+    corners = np.concatenate([img[:k, :k], img[:k, -k:], img[-k:, :k], img[-k:, -k:]]).mean()
+    centre = img[size // 4 : -size // 4, size // 4 : -size // 4].mean()
+    if corners < 0.12 and centre > 2 * corners + 0.1:
+        return "fundus"
+    return "histo" if np.median(img[..., 2] - img[..., 1]) > 0.0 else "derm"
+
+
 _MEASURE: dict[str, Callable[[np.ndarray], dict]] = {
     "cxr": measure_cxr, "derm": measure_derm, "fundus": measure_fundus, "histo": measure_histo,
 }
@@ -234,7 +280,7 @@ _CLASSIFY: dict[str, Callable[[dict], str]] = {
 
 def _check(modality: str) -> None:
     if modality not in _MEASURE:
-        raise UserError(f"unknown modality {modality!r}; known: {', '.join(MODALITY_NAMES)}")
+        raise one_of("modality", modality, MODALITY_NAMES)
 
 
 def measure(modality: str, image: np.ndarray) -> dict:

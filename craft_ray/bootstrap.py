@@ -1,0 +1,411 @@
+"""``python -m craft_ray.bootstrap``: train the tiny models of the embedded default on the phantom world.
+
+Writes, seeded and reproducibly, the models that ``profile=tiny`` loads, each in its real on-disk
+format, through the same loading code that hub ids use:
+
+- ``diffusion/``      a diffusers Stable Diffusion folder: tiny VAE (factor 4: 64 px -> 16x16x4
+                      latents), tiny CLIP text encoder + tokenizer, and a **base** UNet trained with
+                      modality-level captions only ("a chest x-ray"), so pathology must come from
+                      adaptation, as with a natural-image foundation model adapted to medicine;
+- ``evaluator_vit/``  an open_clip ``local-dir:`` ViT evaluator (the training evaluator);
+- ``evaluator_conv/`` an open_clip ``local-dir:`` ConvNeXt evaluator (the out-of-family one);
+- ``judge/``          a transformers Llava-style judge VLM answering checklist questions yes/no;
+- ``report.json``     what was measured on fresh held-out phantoms (see the README).
+
+The evaluators learn from captions built from labels and knowledge-file statements, and the judge
+from yes/no answers computed from the generator's ground-truth metadata (``truth`` expressions in
+the phantom knowledge files). The phantom oracle is used only to *measure* the base UNet's samples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from craft_ray.cli import Parser, add_common_flags, run
+from craft_ray.config import PACKAGE_ROOT
+from craft_ray.data.phantom import generate, oracle
+from craft_ray.data.phantom.truth import answers
+from craft_ray.errors import UserError
+from craft_ray.knowledge import Knowledge, load_shipped
+from craft_ray.modalities import DISTRACTORS, MODALITIES, MODALITY_NAMES
+
+PARTS: tuple[str, ...] = ("diffusion", "evaluator_vit", "evaluator_conv", "judge")
+
+
+@dataclass
+class BootstrapConfig:
+    """Sizes and budgets of the tiny world (defaults: about 20 minutes on 2 CPU cores)."""
+
+    out: Path  # output folder (the shipped one is craft_ray/tiny_world)
+    seed: int = 0  # every random choice derives from it
+    size: int = 64  # image side in pixels
+    n_per_modality: int = 1200  # phantom training images per modality
+    n_eval: int = 240  # fresh held-out phantoms per modality for the report
+    vae_steps: int = 1500  # VAE optimizer steps
+    unet_steps: int = 3000  # base UNet (+ text encoder) optimizer steps
+    evaluator_steps: int = 1500  # contrastive steps per evaluator
+    judge_steps: int = 1500  # judge optimizer steps
+    batch: int = 32  # images per step (VAE, UNet, judge)
+    evaluator_batch: int = 96  # images per contrastive step
+    threads: int = 2  # torch intra-op threads
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Corpus:
+    """Phantom images of all modalities with labels and metadata."""
+
+    pixels: torch.Tensor  # float [N, 3, H, W] in [-1, 1]
+    modality: list[str]
+    label: list[str]
+    meta: list[dict]
+
+
+def phantom_corpus(n_per_modality: int, size: int, seed: int) -> Corpus:
+    """Generate ``n_per_modality`` phantoms of each modality (seeded; labels balanced)."""
+    images, mods, labels, metas = [], [], [], []
+    for j, m in enumerate(MODALITY_NAMES):
+        batch = generate(m, n_per_modality, size=size, seed=seed * 100 + j)
+        images.append(batch.images)
+        mods += [m] * n_per_modality
+        labels += batch.labels
+        metas += batch.meta
+    pixels = torch.from_numpy(np.concatenate(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return Corpus(pixels, mods, labels, metas)
+
+
+def distractor_images(n: int, size: int, generator: torch.Generator) -> tuple[torch.Tensor, list[str]]:
+    """Images for the CAS modality distractors: natural-photo-like scenes, blank images, noise, diagrams."""
+    out, captions = [], []
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
+    for i in range(n):
+        kind = DISTRACTORS[i % len(DISTRACTORS)]
+        r = torch.rand(8, generator=generator)
+        if kind == "a natural photograph":  # sky-to-ground gradient with a few soft coloured blobs
+            sky = torch.stack([0.2 + 0.3 * r[0], 0.5 + 0.3 * r[1], 0.9 * torch.ones(())])[:, None, None]
+            ground = torch.stack([0.2 + 0.4 * r[2], 0.5 * r[3] + 0.3, 0.1 * torch.ones(())])[:, None, None]
+            horizon = (yy > (r[4] - 0.5) * 0.6).float()
+            img = sky * (1 - horizon) + ground * horizon
+            for _ in range(3):
+                c = torch.rand(5, generator=generator)
+                blob = torch.exp(-(((xx - (c[0] * 2 - 1)) ** 2 + (yy - (c[1] * 2 - 1)) ** 2) / (0.02 + 0.1 * c[2])))
+                img = img * (1 - blob) + c[2:5, None, None] * blob
+            img = img + 0.05 * torch.randn(img.shape, generator=generator)
+        elif kind == "a blank image":
+            img = torch.ones(3, size, size) * r[:3, None, None]
+        elif kind == "random noise":
+            img = torch.rand(3, size, size, generator=generator)
+        else:  # a diagram: dark lines and boxes on white
+            img = torch.ones(3, size, size)
+            for _ in range(4):
+                c = (torch.rand(4, generator=generator) * (size - 8)).long()
+                x0, y0, w, h = int(c[0]), int(c[1]), 4 + int(c[2]) // 3, 4 + int(c[3]) // 3
+                img[:, y0:y0 + h, x0:x0 + 1] = 0.1
+                img[:, y0:y0 + h, min(x0 + w, size - 1)] = 0.1
+                img[:, y0, x0:x0 + w] = 0.1
+                img[:, min(y0 + h, size - 1), x0:x0 + w] = 0.1
+        out.append(img.clamp(0, 1) * 2 - 1)
+        captions.append(kind)
+    return torch.stack(out), captions
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Diffusion: VAE, then base UNet + text encoder
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _cosine_lr(opt: torch.optim.Optimizer, base: float, step: int, total: int, warmup: int = 50) -> None:
+    lr = base * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step / total, 1.0)))
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+def train_vae(vae, pixels: torch.Tensor, *, steps: int, batch: int, seed: int, lr: float = 2e-3) -> dict:
+    """Reconstruction (L1 + MSE) plus a small KL term; then sets scaling_factor to 1/std of the latents."""
+    gen = torch.Generator().manual_seed(seed)
+    vae.train().requires_grad_(True)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    bar = tqdm(range(steps), desc="vae", file=sys.stdout, mininterval=5)
+    for step in bar:
+        _cosine_lr(opt, lr, step, steps)
+        x = pixels[torch.randint(0, len(pixels), (batch,), generator=gen)]
+        post = vae.encode(x).latent_dist
+        rec = vae.decode(post.sample(generator=gen)).sample
+        loss = F.l1_loss(rec, x) + F.mse_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        mean = torch.cat([vae.encode(pixels[i:i + 256]).latent_dist.mean for i in range(0, len(pixels), 256)])
+        rec = vae.decode(mean[:256]).sample
+    std = float(mean.std())
+    vae.register_to_config(scaling_factor=1.0 / std)
+    return {"vae_recon_mae": float((rec - pixels[:256]).abs().mean()), "latent_std": std}
+
+
+def train_base_unet(components: dict, pixels: torch.Tensor, captions: Sequence[str], *, steps: int, batch: int,
+                    seed: int, lr: float = 1e-3, cond_dropout: float = 0.1) -> dict:
+    """Noise-prediction training of the UNet and text encoder on modality-level captions only."""
+    vae, unet, text_encoder = components["vae"], components["unet"], components["text_encoder"]
+    tokenizer, scheduler = components["tokenizer"], components["scheduler"]
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        post = [vae.encode(pixels[i:i + 256]).latent_dist for i in range(0, len(pixels), 256)]
+        mean = torch.cat([p.mean for p in post]) * vae.config.scaling_factor
+        std = torch.cat([p.std for p in post]) * vae.config.scaling_factor
+    unet.train().requires_grad_(True)
+    text_encoder.train().requires_grad_(True)
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+    ema = None
+    bar = tqdm(range(steps), desc="base unet", file=sys.stdout, mininterval=5)
+    for step in bar:
+        _cosine_lr(opt, lr, step, steps)
+        idx = torch.randint(0, len(mean), (batch,), generator=gen)
+        latents = mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
+        drop = torch.rand(batch, generator=gen) < cond_dropout
+        text = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)]
+        ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        cond = text_encoder(ids)[0]
+        pred = unet(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=cond).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{ema:.4f}")
+    unet.eval().requires_grad_(False)
+    text_encoder.eval().requires_grad_(False)
+    return {"unet_final_loss_ema": ema}
+
+
+def base_modality_accuracy(folder: Path, n_per_modality: int, seed: int, steps: int = 20) -> dict:
+    """Share of the base UNet's samples that the phantom oracle assigns to the prompted modality."""
+    from craft_ray import sampling
+    from craft_ray.models.diffusion import load_components
+
+    comp = load_components(str(folder))
+    tok, te, unet, vae = comp["tokenizer"], comp["text_encoder"], comp["unet"], comp["vae"]
+
+    def embed(texts: list[str]) -> torch.Tensor:
+        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        return te(ids)[0]
+
+    out = {}
+    gen = torch.Generator().manual_seed(seed)
+    for m in MODALITY_NAMES:
+        with torch.no_grad():
+            cond = embed([MODALITIES[m].caption] * n_per_modality)
+            uncond = embed([""] * n_per_modality)
+            shape = (n_per_modality, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+            lat = sampling.sample(unet, comp["scheduler"], cond, uncond, torch.randn(shape, generator=gen),
+                                  num_steps=steps, guidance_scale=3.0, k=0).latents
+            images = sampling.decode(vae, lat)
+        arr = ((images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+        out[m] = float(np.mean([oracle.modality_of(a) == m for a in arr]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluators: contrastive training on captions from labels and knowledge statements
+# ---------------------------------------------------------------------------------------------------------
+
+
+def caption_pool(m: str, label: str, meta: dict, knowledge: Knowledge) -> list[str]:
+    """True captions for one phantom image: label prompts, enriched prompts, item statements, modality."""
+    mod = MODALITIES[m]
+    pool = list(mod.prompts(label)) + list(knowledge.prompts(label)) + [mod.description]
+    truth = answers(knowledge, label, meta)
+    for lab in knowledge.labels():
+        for item in knowledge.checklist(lab):
+            pool.append(item.present if truth[(lab, item.id)] else item.absent)
+    return pool
+
+
+def _soft_clip_loss(img: torch.Tensor, txt: torch.Tensor, captions: Sequence[str], scale: torch.Tensor
+                    ) -> torch.Tensor:
+    """Symmetric CLIP loss whose targets treat identical captions in the batch as positives."""
+    same = torch.tensor([[a == b for b in captions] for a in captions], dtype=img.dtype)
+    target = same / same.sum(1, keepdim=True)
+    logits = scale * img @ txt.T
+    return 0.5 * (-(target * logits.log_softmax(1)).sum(1).mean() - (target * logits.T.log_softmax(1)).sum(1).mean())
+
+
+def train_evaluator(evaluator, corpus: Corpus, knowledge: dict[str, Knowledge], *, steps: int, batch: int,
+                    seed: int, lr: float = 2e-3) -> dict:
+    """Contrastive training of an open_clip evaluator on phantom images + distractor images."""
+    gen = torch.Generator().manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    pools = [caption_pool(m, y, meta, knowledge[m])
+             for m, y, meta in zip(corpus.modality, corpus.label, corpus.meta, strict=True)]
+    evaluator.set_trainable(True)
+    model = evaluator.model
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.05)
+    n_distract = max(batch // 12, len(DISTRACTORS))
+    bar = tqdm(range(steps), desc=f"evaluator {evaluator.family}", file=sys.stdout, mininterval=5)
+    ema = None
+    for step in bar:
+        _cosine_lr(opt, lr, step, steps)
+        idx = torch.randint(0, len(corpus.pixels), (batch - n_distract,), generator=gen).tolist()
+        d_img, d_cap = distractor_images(n_distract, corpus.pixels.shape[-1], gen)
+        x = torch.cat([corpus.pixels[idx], d_img])
+        # light augmentation: flips keep every phantom label (features are left/right symmetric in meaning)
+        flip = torch.rand(len(x), generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        captions = [pools[i][rng.integers(len(pools[i]))] for i in idx] + d_cap
+        img = evaluator.encode_images(x)
+        txt = evaluator.encode_texts(captions)
+        loss = _soft_clip_loss(img, txt, captions, model.logit_scale.exp().clamp(max=100))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{ema:.3f}")
+    evaluator.set_trainable(False)
+    return {"final_loss_ema": ema}
+
+
+def zero_shot_accuracy(evaluator, knowledge: dict[str, Knowledge], n: int, seed: int) -> dict[str, float]:
+    """Per modality: argmax over labels of the CAS label-ensemble similarity, on fresh phantoms."""
+    from craft_ray.cas import build_texts
+
+    acc = {}
+    for j, m in enumerate(MODALITY_NAMES):
+        batch = generate(m, n, seed=seed + j)
+        x = torch.from_numpy(batch.images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        texts = build_texts(evaluator, knowledge[m], m)
+        with torch.no_grad():
+            emb = torch.cat([evaluator.encode_images(x[i:i + 128]) for i in range(0, n, 128)])
+        pred = (emb @ texts.label_texts.T).argmax(1).tolist()
+        acc[m] = float(np.mean([texts.labels[p] == y for p, y in zip(pred, batch.labels, strict=True)]))
+    return acc
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Orchestration
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _timed(report: dict, name: str, fn: Callable[[], dict]) -> dict:
+    t0 = time.perf_counter()
+    out = fn()
+    report.setdefault("seconds", {})[name] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def bootstrap(cfg: BootstrapConfig, parts: Sequence[str] = PARTS) -> dict:
+    """Train the requested parts into ``cfg.out`` and return the report (also written to report.json)."""
+    from craft_ray.models.diffusion import save_pipeline, tiny_components
+    from craft_ray.models.evaluators import load_evaluator, make_tiny_evaluator
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    report_path = cfg.out / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    report["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items() if k != "out"}
+    knowledge = {m: load_shipped(m, "phantom") for m in MODALITY_NAMES}
+    corpus = _timed(report, "data", lambda: phantom_corpus(cfg.n_per_modality, cfg.size, cfg.seed))
+
+    if "diffusion" in parts:
+        comp = tiny_components(sample_size=cfg.size // 4, seed=cfg.seed)
+        report["vae"] = _timed(report, "vae", lambda: train_vae(comp["vae"], corpus.pixels, steps=cfg.vae_steps,
+                                                                batch=cfg.batch, seed=cfg.seed))
+        captions = [MODALITIES[m].caption for m in corpus.modality]
+        report["unet"] = _timed(report, "unet", lambda: train_base_unet(
+            comp, corpus.pixels, captions, steps=cfg.unet_steps, batch=cfg.batch, seed=cfg.seed))
+        save_pipeline(comp, cfg.out / "diffusion")
+        report["base_unet_oracle_modality_accuracy"] = _timed(
+            report, "unet_eval", lambda: base_modality_accuracy(cfg.out / "diffusion", 32, cfg.seed + 7))
+
+    for family, part in (("vit", "evaluator_vit"), ("convnet", "evaluator_conv")):
+        if part not in parts:
+            continue
+        folder = make_tiny_evaluator(cfg.out / part, family, image_size=cfg.size, bpe_merges=8192,
+                                     context_length=48, seed=cfg.seed)
+        ev = load_evaluator(_EvaluatorRef(f"local-dir:{folder}", family))
+        report[part] = _timed(report, part, lambda ev=ev: train_evaluator(
+            ev, corpus, knowledge, steps=cfg.evaluator_steps, batch=cfg.evaluator_batch, seed=cfg.seed))
+        ev.save(folder)
+        report[part]["zero_shot_label_accuracy"] = zero_shot_accuracy(
+            load_evaluator(_EvaluatorRef(f"local-dir:{folder}", family)), knowledge, cfg.n_eval, 10_000 + cfg.seed)
+
+    if "judge" in parts:
+        from craft_ray.models.judge_training import evaluate_judge, train_judge
+
+        report["judge"] = _timed(report, "judge", lambda: train_judge(
+            cfg.out / "judge", corpus, knowledge, steps=cfg.judge_steps, batch=cfg.batch, seed=cfg.seed))
+        report["judge"].update(evaluate_judge(cfg.out / "judge", knowledge, cfg.n_eval // 2, 20_000 + cfg.seed))
+
+    sizes = {p: sum(f.stat().st_size for f in (cfg.out / p).rglob("*") if f.is_file())
+             for p in PARTS if (cfg.out / p).is_dir()}
+    report["size_mb"] = {p: round(s / 1e6, 2) for p, s in sizes.items()} | {"total": round(sum(sizes.values()) / 1e6, 2)}
+    report_path.write_text(json.dumps(report, indent=2))
+    return report
+
+
+@dataclass
+class _EvaluatorRef:
+    model: str
+    family: str
+    pretrained: str | None = None
+
+
+def main(argv: list[str]) -> int:
+    """Parse the CLI and run the bootstrap."""
+    parser = Parser(prog="python -m craft_ray.bootstrap", description=__doc__.splitlines()[0],
+                    epilog="the shipped tiny world lives in craft_ray/tiny_world; regenerate it with no arguments")
+    parser.add_argument("--out", type=Path, default=PACKAGE_ROOT / "tiny_world", help="output folder")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scale", type=float, default=1.0,
+                        help="multiply every step count (e.g. 0.05 for a quick smoke run)")
+    add_common_flags(parser)
+    ns = parser.parse_args(argv)
+    parts = [p.strip() for p in ns.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        raise UserError(f"unknown part(s) {unknown} in --parts; known: {', '.join(PARTS)}")
+    if ns.scale <= 0:
+        raise UserError(f"--scale must be positive, got {ns.scale}")
+    cfg = BootstrapConfig(out=ns.out, seed=ns.seed)
+    for key in ("vae_steps", "unet_steps", "evaluator_steps", "judge_steps"):
+        setattr(cfg, key, max(1, int(getattr(cfg, key) * ns.scale)))
+    if ns.scale < 1:
+        cfg.n_per_modality = max(60, int(cfg.n_per_modality * ns.scale))
+        cfg.n_eval = max(24, int(cfg.n_eval * ns.scale))
+    print(f"bootstrap: parts={parts} out={cfg.out} seed={cfg.seed} threads={cfg.threads}")
+    report = bootstrap(cfg, parts)
+    print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    run(main, sys.argv[1:])
