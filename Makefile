@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 demo: install
 	$(PY) -m craft_ray
 	$(PY) -m craft_ray.train --list-stages
-	$(PY) -m craft_ray.data phantom --modality cxr --n 64 --out runs/demo/phantom_cxr
+	$(PY) -m craft_ray.data phantom --modality cxr --n 64 --out runs/demo/phantom_cxr --overwrite
 	$(PY) -m craft_ray.knowledge show --modality cxr
 
 # pytest exit code 5 means "no tests collected": report it instead of failing the build.

@@ -53,8 +53,8 @@ class BootstrapConfig:
     size: int = 64  # image side in pixels
     n_per_modality: int = 1200  # phantom training images per modality
     n_eval: int = 240  # fresh held-out phantoms per modality for the report
-    vae_steps: int = 1500  # VAE optimizer steps
-    unet_steps: int = 3000  # base UNet (+ text encoder) optimizer steps
+    vae_steps: int = 700  # VAE optimizer steps
+    unet_steps: int = 1600  # base UNet (+ text encoder) optimizer steps
     evaluator_steps: int = 1500  # contrastive steps per evaluator
     judge_steps: int = 1500  # judge optimizer steps
     batch: int = 32  # images per step (VAE, UNet, judge)
@@ -203,7 +203,8 @@ def train_base_unet(components: dict, pixels: torch.Tensor, captions: Sequence[s
     return {"unet_final_loss_ema": ema}
 
 
-def base_modality_accuracy(folder: Path, n_per_modality: int, seed: int, steps: int = 20) -> dict:
+def base_modality_accuracy(folder: Path, n_per_modality: int, seed: int, steps: int = 20, guidance: float = 7.5
+                           ) -> dict:
     """Share of the base UNet's samples that the phantom oracle assigns to the prompted modality."""
     from craft_ray import sampling
     from craft_ray.models.diffusion import load_components
@@ -224,7 +225,7 @@ def base_modality_accuracy(folder: Path, n_per_modality: int, seed: int, steps: 
             uncond = embed([""] * n_per_modality)
             shape = (n_per_modality, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
             lat = sampling.sample(unet, comp["scheduler"], cond, uncond, torch.randn(shape, generator=gen),
-                                  num_steps=steps, guidance_scale=3.0, k=0).latents
+                                  num_steps=steps, guidance_scale=guidance, k=0).latents
             images = sampling.decode(vae, lat)
         arr = ((images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
         out[m] = float(np.mean([oracle.modality_of(a) == m for a in arr]))
@@ -236,15 +237,16 @@ def base_modality_accuracy(folder: Path, n_per_modality: int, seed: int, steps: 
 # ---------------------------------------------------------------------------------------------------------
 
 
-def caption_pool(m: str, label: str, meta: dict, knowledge: Knowledge) -> list[str]:
-    """True captions for one phantom image: label prompts, enriched prompts, item statements, modality."""
+def caption_pools(m: str, label: str, meta: dict, knowledge: Knowledge) -> tuple[list[str], list[str]]:
+    """True captions for one phantom image: (label prompts + enriched prompts, item statements + modality)."""
     mod = MODALITIES[m]
-    pool = list(mod.prompts(label)) + list(knowledge.prompts(label)) + [mod.description]
+    prompts = list(mod.prompts(label)) + list(knowledge.prompts(label))
+    statements = [mod.description]
     truth = answers(knowledge, label, meta)
     for lab in knowledge.labels():
         for item in knowledge.checklist(lab):
-            pool.append(item.present if truth[(lab, item.id)] else item.absent)
-    return pool
+            statements.append(item.present if truth[(lab, item.id)] else item.absent)
+    return prompts, statements
 
 
 def _soft_clip_loss(img: torch.Tensor, txt: torch.Tensor, captions: Sequence[str], scale: torch.Tensor
@@ -257,11 +259,11 @@ def _soft_clip_loss(img: torch.Tensor, txt: torch.Tensor, captions: Sequence[str
 
 
 def train_evaluator(evaluator, corpus: Corpus, knowledge: dict[str, Knowledge], *, steps: int, batch: int,
-                    seed: int, lr: float = 2e-3) -> dict:
+                    seed: int, lr: float = 2e-3, prompt_share: float = 0.5) -> dict:
     """Contrastive training of an open_clip evaluator on phantom images + distractor images."""
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    pools = [caption_pool(m, y, meta, knowledge[m])
+    pools = [caption_pools(m, y, meta, knowledge[m])
              for m, y, meta in zip(corpus.modality, corpus.label, corpus.meta, strict=True)]
     evaluator.set_trainable(True)
     model = evaluator.model
@@ -277,7 +279,9 @@ def train_evaluator(evaluator, corpus: Corpus, knowledge: dict[str, Knowledge], 
         # light augmentation: flips keep every phantom label (features are left/right symmetric in meaning)
         flip = torch.rand(len(x), generator=gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-        captions = [pools[i][rng.integers(len(pools[i]))] for i in idx] + d_cap
+        # Half label prompts (what the CAS label dimension asks), half checklist statements.
+        chosen = [pools[i][0] if rng.random() < prompt_share else pools[i][1] for i in idx]
+        captions = [pool[rng.integers(len(pool))] for pool in chosen] + d_cap
         img = evaluator.encode_images(x)
         txt = evaluator.encode_texts(captions)
         loss = _soft_clip_loss(img, txt, captions, model.logit_scale.exp().clamp(max=100))
@@ -308,6 +312,81 @@ def zero_shot_accuracy(evaluator, knowledge: dict[str, Knowledge], n: int, seed:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Judge: yes/no checklist answers from ground-truth metadata
+# ---------------------------------------------------------------------------------------------------------
+
+
+def judge_pairs(corpus_images: np.ndarray, modality: Sequence[str], label: Sequence[str], meta: Sequence[dict],
+                knowledge: dict[str, Knowledge], per_image: int, seed: int
+                ) -> tuple[list[int], list[str], list[bool]]:
+    """(image index, question, answer) triples: ``per_image`` items of the image's modality, balanced yes/no."""
+    rng = np.random.default_rng(seed)
+    idx, questions, labels = [], [], []
+    for i, (m, y, md) in enumerate(zip(modality, label, meta, strict=True)):
+        truth = answers(knowledge[m], y, md)
+        items = {(lab, it.id): it.question for lab in knowledge[m].labels() for it in knowledge[m].checklist(lab)}
+        yes = [k for k, v in truth.items() if v]
+        no = [k for k, v in truth.items() if not v]
+        for j in range(per_image):
+            pool = yes if (j % 2 == 0 and yes) or not no else no
+            key = pool[rng.integers(len(pool))]
+            idx.append(i)
+            questions.append(items[key])
+            labels.append(truth[key])
+    return idx, questions, labels
+
+
+def _pil(images: np.ndarray) -> list:
+    from PIL import Image
+
+    return [Image.fromarray(a) for a in images]
+
+
+def train_judge(folder: Path, corpus: Corpus, knowledge: dict[str, Knowledge], *, steps: int, batch: int, seed: int
+                ) -> dict:
+    """Build the tiny Llava-style judge and train it on yes/no checklist answers; saves it to ``folder``."""
+    from craft_ray.models.engines import TransformersEngine
+    from craft_ray.models.tiny_judge import fit_yes_no, make_tiny_judge
+
+    make_tiny_judge(folder, seed=seed)
+    engine = TransformersEngine(str(folder), device="cpu", dtype="float32")
+    arr = ((corpus.pixels.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+    idx, questions, truth = judge_pairs(arr, corpus.modality, corpus.label, corpus.meta, knowledge, 6, seed)
+    images = _pil(arr)
+    losses = fit_yes_no(engine, [images[i] for i in idx], questions, truth, steps=steps, batch_size=batch, seed=seed)
+    engine.model.save_pretrained(folder, safe_serialization=True)
+    return {"pairs": len(idx), "final_loss_mean_last_50": float(np.mean(losses[-50:]))}
+
+
+def auroc(scores: Sequence[float], positives: Sequence[bool]) -> float:
+    """Area under the ROC curve (Mann-Whitney U with average ranks for ties)."""
+    from scipy.stats import rankdata
+
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(positives, dtype=bool)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("AUROC needs both positive and negative examples")
+    ranks = rankdata(s)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def evaluate_judge(folder: Path, knowledge: dict[str, Knowledge], n: int, seed: int) -> dict:
+    """The judge's yes/no AUROC against ground truth, per modality, on fresh phantoms."""
+    from craft_ray.models.engines import TransformersEngine
+
+    engine = TransformersEngine(str(folder), device="cpu", dtype="float32")
+    out = {}
+    for j, m in enumerate(MODALITY_NAMES):
+        batch = generate(m, n, seed=seed + j)
+        idx, questions, truth = judge_pairs(batch.images, [m] * n, batch.labels, batch.meta, knowledge, 4, seed)
+        images = _pil(batch.images)
+        p = engine.p_yes([images[i] for i in idx], questions)
+        out[m] = auroc(p, truth)
+    return {"yes_no_auroc": out}
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Orchestration
 # ---------------------------------------------------------------------------------------------------------
 
@@ -319,17 +398,15 @@ def _timed(report: dict, name: str, fn: Callable[[], dict]) -> dict:
     return out
 
 
-def bootstrap(cfg: BootstrapConfig, parts: Sequence[str] = PARTS) -> dict:
-    """Train the requested parts into ``cfg.out`` and return the report (also written to report.json)."""
+def train_parts(cfg: BootstrapConfig, parts: Sequence[str]) -> dict:
+    """Train the requested parts into ``cfg.out``; returns their report sections."""
     from craft_ray.models.diffusion import save_pipeline, tiny_components
     from craft_ray.models.evaluators import load_evaluator, make_tiny_evaluator
 
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     cfg.out.mkdir(parents=True, exist_ok=True)
-    report_path = cfg.out / "report.json"
-    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    report["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items() if k != "out"}
+    report: dict = {}
     knowledge = {m: load_shipped(m, "phantom") for m in MODALITY_NAMES}
     corpus = _timed(report, "data", lambda: phantom_corpus(cfg.n_per_modality, cfg.size, cfg.seed))
 
@@ -357,12 +434,43 @@ def bootstrap(cfg: BootstrapConfig, parts: Sequence[str] = PARTS) -> dict:
             load_evaluator(_EvaluatorRef(f"local-dir:{folder}", family)), knowledge, cfg.n_eval, 10_000 + cfg.seed)
 
     if "judge" in parts:
-        from craft_ray.models.judge_training import evaluate_judge, train_judge
-
         report["judge"] = _timed(report, "judge", lambda: train_judge(
             cfg.out / "judge", corpus, knowledge, steps=cfg.judge_steps, batch=cfg.batch, seed=cfg.seed))
         report["judge"].update(evaluate_judge(cfg.out / "judge", knowledge, cfg.n_eval // 2, 20_000 + cfg.seed))
+    return report
 
+
+def _train_group(cfg: BootstrapConfig, parts: list[str]) -> dict:
+    os.environ["OMP_NUM_THREADS"] = str(cfg.threads)
+    return train_parts(cfg, parts)
+
+
+def bootstrap(cfg: BootstrapConfig, parts: Sequence[str] = PARTS, jobs: int = 1) -> dict:
+    """Train ``parts`` (in ``jobs`` processes: the diffusion model beside the others) and write report.json."""
+    t0 = time.perf_counter()
+    groups = [list(parts)]
+    if jobs > 1 and "diffusion" in parts and len(parts) > 1:
+        groups = [["diffusion"], [p for p in parts if p != "diffusion"]]
+    if len(groups) == 1:
+        sections = [train_parts(cfg, groups[0])]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+        from dataclasses import replace
+
+        # One torch thread per process: two single-threaded trainings use 2 cores better than one with two.
+        sub = replace(cfg, threads=1)
+        with ProcessPoolExecutor(len(groups), mp_context=multiprocessing.get_context("spawn")) as pool:
+            sections = list(pool.map(_train_group, [sub] * len(groups), groups))
+    report_path = cfg.out / "report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    for section in sections:
+        seconds = {**report.get("seconds", {}), **section.pop("seconds", {})}
+        report.update(section)
+        report["seconds"] = seconds
+    report["seconds"]["wall_total"] = round(time.perf_counter() - t0, 1)
+    report["config"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in cfg.__dict__.items() if k != "out"}
+    report["config"]["jobs"] = jobs
     sizes = {p: sum(f.stat().st_size for f in (cfg.out / p).rglob("*") if f.is_file())
              for p in PARTS if (cfg.out / p).is_dir()}
     report["size_mb"] = {p: round(s / 1e6, 2) for p, s in sizes.items()} | {"total": round(sum(sizes.values()) / 1e6, 2)}
@@ -384,6 +492,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=PACKAGE_ROOT / "tiny_world", help="output folder")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--jobs", type=int, default=2,
+                        help="processes: 2 trains the diffusion model beside the evaluators and the judge")
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply every step count (e.g. 0.05 for a quick smoke run)")
     add_common_flags(parser)
@@ -401,7 +511,7 @@ def main(argv: list[str]) -> int:
         cfg.n_per_modality = max(60, int(cfg.n_per_modality * ns.scale))
         cfg.n_eval = max(24, int(cfg.n_eval * ns.scale))
     print(f"bootstrap: parts={parts} out={cfg.out} seed={cfg.seed} threads={cfg.threads}")
-    report = bootstrap(cfg, parts)
+    report = bootstrap(cfg, parts, jobs=ns.jobs)
     print(json.dumps({k: v for k, v in report.items() if k != "config"}, indent=2))
     return 0
 

@@ -18,7 +18,7 @@ and an evaluation job; the evaluator-specific text embeddings are computed once 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -254,6 +254,23 @@ def build_reference_bank(
     return ReferenceBank(banks, med, spr, k, evaluator_id, knowledge_version)
 
 
+def reference_bank(path: str | Path, evaluator, knowledge_version: str, real: Callable[[], tuple[torch.Tensor, list[str]]],
+                   *, k: int, batch: int = 128) -> ReferenceBank:
+    """The realism bank stored at ``path``: built once from ``real()`` -> (images [N,3,H,W], labels), then reused.
+
+    A stored bank of another evaluator or knowledge version is an error (delete it to rebuild).
+    """
+    path = Path(path)
+    if path.is_file():
+        return ReferenceBank.load(path, evaluator_id=evaluator.id, knowledge_version=knowledge_version)
+    images, labels = real()
+    with torch.no_grad():
+        emb = torch.cat([evaluator.encode_images(images[i:i + batch]) for i in range(0, len(images), batch)])
+    bank = build_reference_bank(emb, labels, k=k, evaluator_id=evaluator.id, knowledge_version=knowledge_version)
+    bank.save(path)
+    return bank
+
+
 def _check_provenance(what: str, path: str | Path, meta: Mapping, evaluator_id: str, knowledge_version: str
                       ) -> None:
     for key, want in (("evaluator_id", evaluator_id), ("knowledge_version", knowledge_version)):
@@ -433,3 +450,20 @@ def checklist_judge(p_yes: np.ndarray | torch.Tensor, item_ids: Sequence[str], p
                     p[:, j] = np.where(p[:, col[ancestor]] < threshold, 0.0, p[:, j])
                 ancestor = parents.get(ancestor)
     return p.mean(axis=1)
+
+
+def judge_checklist(judge, images: Sequence, label: str, knowledge, *, gating: bool = False
+                    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Ask ``judge`` every checklist question of ``label`` about each image.
+
+    ``judge`` is anything with ``p_yes(images, questions) -> list[float]``: an LLM engine in process,
+    or the judges client over Ray Serve. ``images`` are PIL images of label ``label``. Returns
+    (checklist twin score [B], P(yes) [B,K], item ids).
+    """
+    items = knowledge.checklist(label)
+    ids = [it.id for it in items]
+    pairs_img = [img for img in images for _ in items]
+    pairs_q = [it.question for _ in images for it in items]
+    p = np.asarray(judge.p_yes(pairs_img, pairs_q), dtype=np.float64).reshape(len(images), len(items))
+    parents = {it.id: it.parent for it in items}
+    return checklist_judge(p, ids, parents, gating=gating), p, ids

@@ -150,7 +150,7 @@ class RewardConfig:
 @dataclass
 class SamplingConfig:
     num_steps: int = 10  # DDIM steps T
-    guidance_scale: float = 3.0  # classifier-free guidance scale
+    guidance_scale: float = 7.5  # classifier-free guidance scale
     eta: float = 0.0  # DDIM eta (0 = deterministic)
     k: int = 1  # DRaFT-K: backpropagate through the last K steps
     k_range: list[int] | None = None  # AlignProp: draw K uniformly from [lo, hi] per batch; null = fixed k

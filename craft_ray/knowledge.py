@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -439,19 +440,64 @@ def _cmd_list(ns: argparse.Namespace) -> int:
     return 0
 
 
+def build(judges: Any, modality: str, dataset: str = "phantom", *, n_prompts: int = MIN_PROMPTS,
+          k_items: int = 6, seed: int | None = None, model: str = "the judges") -> dict[str, Any]:
+    """Draft knowledge content of (modality, dataset) from the enricher and checklist builder, for review.
+
+    ``judges`` is a judges client (:mod:`craft_ray.judges.client`): ``enrich`` and ``checklist`` per label.
+    Repeated prompts are dropped, so a label can end with fewer than ``n_prompts``; :func:`validate`
+    then says which.
+    """
+    mod = get_modality(modality)
+    labels: dict[str, Any] = {}
+    for name in mod.label_names(dataset):
+        prompts = list(dict.fromkeys(judges.enrich(modality, name, n_prompts, seed=seed, dataset=dataset)))
+        items = judges.checklist(modality, name, k_items, dataset=dataset)
+        labels[name] = {"prompts": prompts,
+                        "checklist": [{k: v for k, v in it.items() if v is not None} for it in items]}
+        print(f"  {name}: {len(prompts)} prompts, {len(items)} checklist items", file=sys.stderr)
+    stamp = hashlib.sha256(json.dumps(labels, sort_keys=True).encode()).hexdigest()[:8]
+    return {
+        "version": f"{dataset}-{modality}-draft-{stamp}",
+        "modality": modality,
+        "dataset": dataset,
+        "description": f"DRAFT built by {model} through the judges API for {mod.description}; "
+                       "a person must review every prompt and checklist item before use.",
+        "labels": labels,
+    }
+
+
 def _cmd_build(ns: argparse.Namespace) -> int:
-    raise UserError("knowledge build needs the judges app (craft_ray.judges), which is not implemented yet")
+    from craft_ray.judges.client import JudgesClient
+
+    out = Path(ns.out)
+    with JudgesClient(ns.url, token=os.environ.get(ns.token_env) or None, timeout_s=ns.timeout) as judges:
+        model = ", ".join(judges.models())
+        print(f"building {ns.modality}/{ns.dataset} knowledge with {model} at {ns.url}", file=sys.stderr)
+        data = build(judges, ns.modality, ns.dataset, n_prompts=ns.prompts, k_items=ns.items, seed=ns.seed,
+                     model=model)
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n" if out.suffix == ".json" else \
+        yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=110)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    try:
+        knowledge = validate(data, str(out))
+    except UserError as exc:
+        raise UserError(f"draft written to {out} but it does not validate yet; fix it by hand: {exc}") from exc
+    print(f"wrote {out}: {knowledge.version}, {len(knowledge.labels())} labels; review it before use")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``python -m craft_ray.knowledge`` parser with its subcommands."""
     parser = Parser(
         prog="python -m craft_ray.knowledge",
-        description="Validate, show and list clinical knowledge files (enriched prompts + checklists).",
+        description="Validate, show, list and build clinical knowledge files (enriched prompts + checklists).",
         epilog="examples:\n"
         "  python -m craft_ray.knowledge list\n"
         "  python -m craft_ray.knowledge show --modality cxr --dataset chexpert -v\n"
-        "  python -m craft_ray.knowledge validate my_cxr.yaml",
+        "  python -m craft_ray.knowledge validate my_cxr.yaml\n"
+        "  python -m craft_ray.knowledge build --modality derm --out derm_draft.yaml --url http://127.0.0.1:8000",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -470,9 +516,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("list", help="list the shipped knowledge files")
     p.set_defaults(func=_cmd_list)
 
-    p = sub.add_parser("build", help="fill a knowledge file through the judges (enricher, checklist builder)")
+    p = sub.add_parser("build", help="draft a knowledge file through the judges (enricher, checklist builder)")
     p.add_argument("--modality", required=True, choices=MODALITY_NAMES, help="cxr | derm | fundus | histo")
     p.add_argument("--dataset", default="phantom", help="label set of the modality (default: phantom)")
+    p.add_argument("--out", required=True, metavar="FILE", help="knowledge file to write (.yaml or .json)")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="judges base URL (python -m craft_ray.serve)")
+    p.add_argument("--token-env", default="CRAFT_JUDGES_TOKEN", help="environment variable with the bearer token")
+    p.add_argument("--prompts", type=int, default=MIN_PROMPTS, help=f"prompts per label (default {MIN_PROMPTS})")
+    p.add_argument("--items", type=int, default=6, help="checklist items per label (default 6)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed passed to the enricher")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
     p.set_defaults(func=_cmd_build)
 
     for subparser in sub.choices.values():

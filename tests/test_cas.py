@@ -204,3 +204,41 @@ def test_reward_gradient_matches_finite_differences(evaluator, texts, bank) -> N
 def test_reward_refuses_realism_without_bank(evaluator, texts) -> None:
     with pytest.raises(UserError, match="reference bank"):
         make_reward(EQUAL, cas.CASScorer(evaluator, texts, None))
+
+
+class ScriptedJudge:
+    """A judge that answers from a table: it records the questions it was asked."""
+
+    def __init__(self, answer):
+        self.answer, self.asked = answer, []
+
+    def p_yes(self, images, questions):
+        self.asked += list(questions)
+        return [self.answer(q) for q in questions]
+
+
+def test_judge_checklist_asks_every_item(knowledge) -> None:
+    items = knowledge.checklist("nodule")
+    root = next(it for it in items if it.parent is None)
+    judge = ScriptedJudge(lambda q: 0.1 if q == root.question else 0.9)
+    score, p, ids = cas.judge_checklist(judge, [object(), object()], "nodule", knowledge)
+    assert ids == [it.id for it in items] and p.shape == (2, len(items))
+    assert len(judge.asked) == 2 * len(items)
+    assert np.allclose(score, (0.1 + 0.9 * (len(items) - 1)) / len(items))
+    gated, _, _ = cas.judge_checklist(judge, [object()], "nodule", knowledge, gating=True)
+    assert gated[0] == pytest.approx(0.1 / len(items))  # every item hangs below the root in this file
+
+
+def test_reference_bank_is_built_once_then_reused(evaluator, knowledge, tmp_path: Path) -> None:
+    calls = []
+
+    def real():
+        calls.append(1)
+        return images_and_labels(24, seed=6)
+
+    path = tmp_path / "bank.safetensors"
+    first = cas.reference_bank(path, evaluator, knowledge.content_hash(), real, k=3)
+    second = cas.reference_bank(path, evaluator, knowledge.content_hash(), real, k=3)
+    assert len(calls) == 1 and second.median == first.median
+    with pytest.raises(UserError, match="knowledge_version"):
+        cas.reference_bank(path, evaluator, "another-version", real, k=3)

@@ -111,12 +111,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def _text_config(tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
+def _text_config(tokenizer: PreTrainedTokenizerFast, hidden: int = 64, layers: int = 2) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,
@@ -135,7 +135,8 @@ def _save_generation_config(model: torch.nn.Module, tokenizer: PreTrainedTokeniz
     )
 
 
-def make_tiny_judge(out_dir: str | Path, *, seed: int = 0) -> Path:
+def make_tiny_judge(out_dir: str | Path, *, seed: int = 0, vision_hidden: int = 32, vision_layers: int = 2,
+                    text_hidden: int = 64, text_layers: int = 2) -> Path:
     """Build and save a random tiny Llava-style judge (model, processor, chat template) into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -144,15 +145,15 @@ def make_tiny_judge(out_dir: str | Path, *, seed: int = 0) -> Path:
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     config = LlavaConfig(
         vision_config=CLIPVisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
+            hidden_size=vision_hidden,
+            intermediate_size=2 * vision_hidden,
+            num_hidden_layers=vision_layers,
             num_attention_heads=2,
             image_size=IMAGE_SIZE,
             patch_size=PATCH_SIZE,
-            projection_dim=32,
+            projection_dim=vision_hidden,
         ),
-        text_config=_text_config(tokenizer),
+        text_config=_text_config(tokenizer, text_hidden, text_layers),
         image_token_index=image_token_id,
         image_seq_length=(IMAGE_SIZE // PATCH_SIZE) ** 2,
         vision_feature_layer=-1,

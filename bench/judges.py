@@ -1,0 +1,128 @@
+"""Benchmark: /v1/judge throughput and latency over real HTTP, batched vs unbatched, on a local Ray + Serve.
+
+Each request judges one 64x64 image against the knowledge checklist of cxr/cardiomegaly (one
+(image, question) pair per item). The judge runs with ``max_batch_size`` pairs per forward pass
+(batched, ``judges.max_batch_size``) and with ``max_batch_size=1`` (unbatched); for each, closed-loop
+clients at concurrency 1, 8 and 32 send requests for a fixed time. Reported: images/s, p50/p99
+latency in ms, failures. The shipped tiny judge is used when present, else an untrained one (same
+architecture and cost). Writes ``bench/results/judges.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+CONCURRENCY = (1, 8, 32)
+SECONDS = 12.0  # measured window per (mode, concurrency), after a warm-up
+WARMUP_S = 3.0
+BATCHED = 16  # pairs per forward pass in the batched mode
+OUT = Path(__file__).parent / "results" / "judges.json"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _load(url: str, images: list[str], concurrency: int, seconds: float) -> dict:
+    """Closed loop: ``concurrency`` threads send /v1/judge back to back for ``seconds``."""
+    import httpx
+
+    body = {"modality": "cxr", "label": "cardiomegaly"}
+    latencies: list[float] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+    stop = time.perf_counter() + seconds
+
+    def worker(k: int) -> None:
+        with httpx.Client(base_url=url, timeout=120) as client:
+            i = k
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                r = client.post("/v1/judge", json=body | {"images": [images[i % len(images)]]})
+                dt = time.perf_counter() - t0
+                with lock:
+                    (latencies.append(dt) if r.status_code == 200 else failures.append(f"{r.status_code}"))
+                i += concurrency
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    lat = np.array(latencies) * 1000
+    return {"concurrency": concurrency, "requests": len(latencies), "failures": len(failures),
+            "images_per_s": len(latencies) / elapsed, "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)), "seconds": elapsed}
+
+
+def main() -> None:
+    import ray
+    from PIL import Image
+    from ray import serve
+
+    from craft_ray.config import load_config
+    from craft_ray.judges.app import application, wait_healthy
+    from craft_ray.judges.client import encode_image
+    from craft_ray.knowledge import load_shipped
+    from craft_ray.models.tiny_judge import make_tiny_judge
+
+    shipped = load_config().judges.engine.model
+    tmp = tempfile.TemporaryDirectory()
+    model, which = (shipped, "shipped tiny judge") if os.path.isdir(shipped) else (
+        str(make_tiny_judge(Path(tmp.name) / "judge", seed=0)), "untrained tiny judge (same architecture)")
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    rng = np.random.RandomState(0)
+    images = [encode_image(Image.fromarray(rng.randint(0, 255, (64, 64, 3), dtype=np.uint8))) for _ in range(64)]
+    items = len(load_shipped("cxr", "phantom").checklist("cardiomegaly"))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    rows = []
+    try:
+        for mode, size in (("batched", BATCHED), ("unbatched", 1)):
+            cfg = load_config(None, [f"judges.engine.model={model}", f"judges.max_batch_size={size}",
+                                     f"judges.engine.batch_size={BATCHED}", "judges.replica_cpus=0.1"])
+            serve.run(application(cfg), name=cfg.judges.app_name, route_prefix="/")
+            wait_healthy(url)
+            _load(url, images, 8, WARMUP_S)
+            for c in CONCURRENCY:
+                row = {"mode": mode, "max_batch_size": size, **_load(url, images, c, SECONDS)}
+                rows.append(row)
+                print(f"{mode:<9} c={c:<3} {row['images_per_s']:7.1f} images/s  p50 {row['p50_ms']:7.1f} ms  "
+                      f"p99 {row['p99_ms']:7.1f} ms  failures {row['failures']}", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        tmp.cleanup()
+    by = {(r["mode"], r["concurrency"]): r for r in rows}
+    ratio = by[("batched", 32)]["images_per_s"] / by[("unbatched", 32)]["images_per_s"]
+    result = {
+        "what": f"/v1/judge over HTTP, 1 image (64x64) x {items} checklist items per request, local Ray + Serve "
+                f"on {os.cpu_count()} CPUs, {which}; closed-loop clients, {SECONDS:.0f} s per level",
+        "rows": rows,
+        "batched_vs_unbatched_throughput_at_32": ratio,
+        "goal": "batching >= 3x the unbatched throughput at concurrency 32",
+    }
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Smoke test of the shipped tiny world: every model loads through the code that hub ids use."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+from craft_ray import cas
+from craft_ray.config import load_config
+from craft_ray.data.phantom import generate
+from craft_ray.knowledge import load_shipped
+from craft_ray.models.diffusion import DiffusionModel
+from craft_ray.models.engines import make_engine
+from craft_ray.models.evaluators import check_out_of_family, load_evaluator
+
+
+def test_shipped_tiny_world_loads_and_works() -> None:
+    cfg = load_config()  # the embedded default names the shipped folders
+    model = DiffusionModel.from_config(cfg.model)
+    with torch.no_grad():
+        latents = model.encode_images(torch.zeros(1, 3, 64, 64))
+        assert latents.shape == (1, 4, 16, 16)
+        assert model.decode_latents(latents).shape == (1, 3, 64, 64)
+
+    train_ev, ood_ev = load_evaluator(cfg.model.evaluator), load_evaluator(cfg.model.ood_evaluator)
+    check_out_of_family(train_ev, ood_ev)
+    batch = generate("cxr", 8, seed=99)
+    x = torch.from_numpy(batch.images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    texts = cas.build_texts(train_ev, load_shipped("cxr", "phantom"), "cxr")
+    with torch.no_grad():
+        dims = cas.CASScorer(train_ev, texts, None).dimensions(x, batch.labels)
+    assert all(bool(((v >= 0) & (v <= 1)).all()) for v in dims.values())
+
+    judge = make_engine(cfg.judges.engine)
+    p = judge.p_yes([Image.fromarray(batch.images[0])] * 2,
+                    ["Is a bright thorax with two dark lung fields visible on a dark background?",
+                     "Is the retina free of small dark-red dots?"])
+    assert all(0.0 <= v <= 1.0 for v in p)
+
+
+def test_shipped_report_meets_the_goals() -> None:
+    cfg = load_config()
+    report = json.loads((__import__("pathlib").Path(cfg.tiny_world) / "report.json").read_text())
+    assert report["size_mb"]["total"] <= 30
+    for ev in ("evaluator_vit", "evaluator_conv"):
+        acc = report[ev]["zero_shot_label_accuracy"]
+        assert min(acc.values()) >= 0.9, (ev, acc)
+    assert min(report["judge"]["yes_no_auroc"].values()) >= 0.8
+    assert np.mean(list(report["base_unet_oracle_modality_accuracy"].values())) >= 0.9
