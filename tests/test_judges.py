@@ -1,7 +1,8 @@
 """The judges app on a real local Ray + Serve, over real HTTP on 127.0.0.1, with the tiny judge.
 
-One app is deployed for the module; tests that need other settings redeploy it through ``Judges.deploy``
-(only the changed options differ). Reference values come from the same engine run in this process.
+One app is deployed for the module; the tests that need other settings (unbatched, tiny queues) redeploy
+it through ``Judges.deploy``, which replaces the replicas, so they come last. Reference values come from
+the same engine run in this process.
 """
 
 from __future__ import annotations
@@ -233,7 +234,7 @@ def test_openai_client_chat_with_logprobs_and_json_schema(judges, engine):
                                                "present": {"type": "boolean"}},
               "required": ["finding", "present"], "additionalProperties": False}
     out = client.chat.completions.create(
-        model="judge", messages=[{"role": "user", "content": "Describe the main finding as JSON."}], max_tokens=24,
+        model="judge", messages=[{"role": "user", "content": "Describe the main finding as JSON."}], max_tokens=48,
         response_format={"type": "json_schema", "json_schema": {"name": "finding", "schema": schema}})
     jsonschema.validate(json.loads(out.choices[0].message.content), schema)
 
@@ -284,6 +285,8 @@ def test_bad_requests_get_4xx_with_a_message(judges, http):
         ("POST", "/v1/judge", judge | {"images": ["data:text/plain;base64,aGk="]}, {}, 400,
          "must look like 'data:image/png;base64'"),
         ("POST", "/v1/judge", b'{"modality": "cxr",', {}, 400, "malformed JSON body"),
+        ("POST", "/v1/judge", b"modality=cxr", {"Content-Type": "application/x-www-form-urlencoded"}, 400,
+         "request body must be a JSON object sent with 'Content-Type: application/json'"),
         ("POST", "/v1/judge", {"modality": "cxr", "label": "nodule"}, {}, 422, "images: Field required"),
         ("POST", "/v1/judge", judge | {"modality": "ct"}, {}, 422,
          "unknown modality 'ct'; known: cxr, derm, fundus, histo"),
@@ -369,42 +372,11 @@ def test_serve_cli_refuses_a_missing_model_before_starting_ray():
 
 # ---------------------------------------------------------------- batching, load, overload, failures
 @pytest.mark.slow
-def test_batched_and_unbatched_judging_agree(judges, engine):
-    know = load_shipped("derm", "phantom")
-    questions = [it.question for it in know.checklist("melanoma")]
-    images = [_image(100 + i) for i in range(12)]
-    ref = _reference(engine, images, questions)
-
-    def run_all() -> np.ndarray:
-        client = judges.client()
-        with ThreadPoolExecutor(12) as pool:
-            results = list(pool.map(lambda img: client.judge("derm", "melanoma", [img])[0], images))
-        return np.array([[s["p_yes"] for s in res["items"]] for res in results])
-
-    before = judges.judge_stats()
-    batched = run_all()
-    after = judges.judge_stats()
-    pairs, batches = after["pairs"] - before["pairs"], after["batches"] - before["batches"]
-    assert pairs == 12 * len(questions)
-    assert pairs / batches > len(questions)  # pairs of different requests shared forward passes
-    judges.deploy(max_batch_size=1)
-    try:
-        base = judges.judge_stats()
-        unbatched = run_all()
-        stats = judges.judge_stats()
-        assert stats["pairs"] - base["pairs"] == stats["batches"] - base["batches"]  # one pair per batch
-    finally:
-        judges.deploy()
-    np.testing.assert_allclose(batched, ref, atol=1e-5)
-    np.testing.assert_allclose(unbatched, ref, atol=1e-5)
-    np.testing.assert_allclose(batched, unbatched, atol=1e-5)
-
-
-@pytest.mark.slow
 def test_200_concurrent_judge_requests_are_all_answered_correctly(judges, engine):
     questions = [it.question for it in load_shipped("histo", "phantom").checklist("tumor")]
     images = [_image(1000 + i, size=32) for i in range(200)]
     ref = _reference(engine, images, questions)
+    judges.deploy()
     client = judges.client(retries=0)  # no retries: every one of the 200 must succeed first time
     t0 = time.perf_counter()
     with ThreadPoolExecutor(200) as pool:
@@ -416,30 +388,11 @@ def test_200_concurrent_judge_requests_are_all_answered_correctly(judges, engine
 
 
 @pytest.mark.slow
-def test_overload_answers_503_instead_of_hanging(judges):
-    judges.deploy(max_ongoing_requests=1, max_queued_requests=1)
-    try:
-        body = {"modality": "cxr", "label": "nodule", "images": [_b64(_image(11))]}
-
-        def post(_: int) -> httpx.Response:
-            return httpx.post(f"{judges.url}/v1/judge", json=body, timeout=60,
-                              headers={"Authorization": f"Bearer {TOKEN}"})
-
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(24) as pool:
-            responses = list(pool.map(post, range(24)))
-        codes = [r.status_code for r in responses]
-        assert set(codes) <= {200, 503} and codes.count(503) >= 10 and codes.count(200) >= 1, codes
-        assert time.perf_counter() - t0 < 30
-    finally:
-        judges.deploy()
-
-
-@pytest.mark.slow
 def test_killed_judge_replica_is_restarted_and_retries_hide_it(judges, engine):
     questions = [it.question for it in load_shipped("cxr", "phantom").checklist("nodule")]
     images = [_image(2000 + i, size=32) for i in range(48)]
     ref = _reference(engine, images, questions)
+    judges.deploy()
     old_pid = judges.judge_stats()["pid"]
     client = judges.client(retries=12, backoff_s=0.5, max_backoff_s=4.0)
     done = threading.Event()
@@ -467,3 +420,49 @@ def test_killed_judge_replica_is_restarted_and_retries_hide_it(judges, engine):
     np.testing.assert_allclose(got, ref, atol=1e-5)  # no request lost, every answer right
     assert judges.judge_stats()["pid"] != old_pid  # Serve replaced the dead replica
 
+
+@pytest.mark.slow
+def test_batched_and_unbatched_judging_agree(judges, engine):
+    know = load_shipped("derm", "phantom")
+    questions = [it.question for it in know.checklist("melanoma")]
+    images = [_image(100 + i) for i in range(12)]
+    ref = _reference(engine, images, questions)
+
+    def run_all() -> np.ndarray:
+        client = judges.client()
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(lambda img: client.judge("derm", "melanoma", [img])[0], images))
+        return np.array([[s["p_yes"] for s in res["items"]] for res in results])
+
+    judges.deploy()
+    before = judges.judge_stats()
+    batched = run_all()
+    after = judges.judge_stats()
+    pairs, batches = after["pairs"] - before["pairs"], after["batches"] - before["batches"]
+    assert pairs == 12 * len(questions)
+    assert pairs / batches > len(questions)  # pairs of different requests shared forward passes
+    judges.deploy(max_batch_size=1)  # replaces the replicas: imperative serve.run redeploys in full
+    base = judges.judge_stats()
+    unbatched = run_all()
+    stats = judges.judge_stats()
+    assert stats["pairs"] - base["pairs"] == stats["batches"] - base["batches"]  # one pair per batch
+    np.testing.assert_allclose(batched, ref, atol=1e-5)
+    np.testing.assert_allclose(unbatched, ref, atol=1e-5)
+    np.testing.assert_allclose(batched, unbatched, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_overload_answers_503_instead_of_hanging(judges):
+    judges.deploy(max_ongoing_requests=1, max_queued_requests=1)
+    body = {"modality": "cxr", "label": "nodule", "images": [_b64(_image(11))]}
+
+    def post(_: int) -> httpx.Response:
+        return httpx.post(f"{judges.url}/v1/judge", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {TOKEN}"})
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(24) as pool:
+        responses = list(pool.map(post, range(24)))
+    codes = [r.status_code for r in responses]
+    assert set(codes) <= {200, 503} and codes.count(503) >= 10 and codes.count(200) >= 1, codes
+    assert time.perf_counter() - t0 < 30

@@ -16,14 +16,13 @@ Routes (all JSON; errors are ``{"error": {"message", "type", "code"}}``):
 from __future__ import annotations
 
 import asyncio
-import functools
 import hashlib
 import hmac
 import json
 import os
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -165,6 +164,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[int, str]:
         loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body") or "body"
         if err.get("type") == "missing" and loc == "body":
             return 400, "request body is missing: send a JSON object"
+        if loc == "body" and err.get("type") in ("model_attributes_type", "dict_type"):
+            return 400, "request body must be a JSON object sent with 'Content-Type: application/json'"
         parts.append(f"{loc}: {err.get('msg')}")
     return 422, "invalid request: " + "; ".join(parts)
 
@@ -396,35 +397,15 @@ def application(cfg: DictConfig) -> serve.Application:
     common = {"num_replicas": int(j.num_replicas), "ray_actor_options": actor,
               "max_ongoing_requests": int(j.max_ongoing_requests), "max_queued_requests": int(j.max_queued_requests),
               "health_check_period_s": 2.0, "health_check_timeout_s": 30.0}
-    version = _version(engine, actor)
-    enricher = PromptEnricher.options(**common, version=version).bind(engine)
-    builder = ChecklistBuilder.options(**common, version=version).bind(engine)
+    enricher = PromptEnricher.options(**common).bind(engine)
+    builder = ChecklistBuilder.options(**common).bind(engine)
     judge = ChecklistJudge.options(
-        **common, version=version, user_config={"max_batch_size": int(j.max_batch_size),
-                                                "batch_wait_timeout_s": float(j.batch_wait_timeout_s)}
+        **common, user_config={"max_batch_size": int(j.max_batch_size),
+                               "batch_wait_timeout_s": float(j.batch_wait_timeout_s)}
     ).bind(engine)
     ingress_actor = {**actor, "num_gpus": 0.0}  # the ingress never runs a model
-    return JudgesIngress.options(**{**common, "ray_actor_options": ingress_actor},
-                                 version=_version(asdict(settings), ingress_actor)).bind(
+    return JudgesIngress.options(**{**common, "ray_actor_options": ingress_actor}).bind(
         enricher, builder, judge, settings)
-
-
-@functools.lru_cache(maxsize=1)
-def _source_digest() -> str:
-    digest = hashlib.sha256()
-    for path in sorted(Path(__file__).resolve().parents[1].rglob("*.py")):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-def _version(*init: object) -> str:
-    """Deployment version: craft_ray's sources + constructor arguments + actor options.
-
-    With an explicit version, a redeploy that changes only live options (user_config batching,
-    max_ongoing_requests, max_queued_requests, replicas) reconfigures replicas instead of replacing them.
-    """
-    key = json.dumps(init, sort_keys=True, default=str)
-    return hashlib.sha256((_source_digest() + key).encode()).hexdigest()[:16]
 
 
 def args_to_overrides(args: dict) -> tuple[str | None, list[str]]:

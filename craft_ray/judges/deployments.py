@@ -174,8 +174,8 @@ class ChecklistJudge(_EngineHost):
     """P(yes | image, question) batched across requests, plus chat generation for /v1/chat/completions.
 
     The unit of batching is one (image, question) pair: ``user_config`` ``max_batch_size`` pairs run
-    in one engine call; ``max_batch_size=1`` switches batching off. It is a user_config so a
-    redeploy changes it without restarting replicas.
+    in one engine call; ``max_batch_size=1`` switches batching off. It is a user_config, so
+    ``serve deploy`` of a changed config file applies it to running replicas without a restart.
     """
 
     def __init__(self, engine_cfg: dict) -> None:

@@ -10,6 +10,7 @@ questions with :func:`yes_no_loss`, which uses the very prompt and read-out of i
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -230,14 +231,20 @@ def fit_yes_no(
         raise ValueError(f"{len(images)} images, {len(questions)} questions, {len(answers)} answers")
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(engine.model.parameters(), lr=lr)
+    # Linear warm-up, then cosine decay to zero: a constant rate plateaus early on this tiny model.
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s / steps, 1.0))))
     engine.model.train()
     losses = []
-    for _ in tqdm(range(steps), desc="train judge", disable=steps < 50):
+    for _ in tqdm(range(steps), desc="train judge", disable=steps < 50, mininterval=5):
         idx = torch.randperm(len(images), generator=gen)[:batch_size].tolist()
         loss = yes_no_loss(engine, [images[i] for i in idx], [questions[i] for i in idx], [answers[i] for i in idx])
         opt.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(engine.model.parameters(), 1.0)
         opt.step()
+        sched.step()
         losses.append(loss.item())
     engine.model.eval()
     return losses
