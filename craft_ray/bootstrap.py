@@ -55,7 +55,7 @@ class BootstrapConfig:
     n_eval: int = 240  # fresh held-out phantoms per modality for the report
     vae_steps: int = 700  # VAE optimizer steps
     unet_steps: int = 1600  # base UNet (+ text encoder) optimizer steps
-    evaluator_steps: int = 1500  # contrastive steps per evaluator
+    evaluator_steps: int = 2500  # contrastive steps per evaluator
     judge_steps: int = 1500  # judge optimizer steps
     batch: int = 32  # images per step (VAE, UNet, judge)
     evaluator_batch: int = 96  # images per contrastive step
@@ -492,6 +492,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=PACKAGE_ROOT / "tiny_world", help="output folder")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per process (with --jobs 1)")
     parser.add_argument("--jobs", type=int, default=2,
                         help="processes: 2 trains the diffusion model beside the evaluators and the judge")
     parser.add_argument("--scale", type=float, default=1.0,
@@ -504,7 +505,7 @@ def main(argv: list[str]) -> int:
         raise UserError(f"unknown part(s) {unknown} in --parts; known: {', '.join(PARTS)}")
     if ns.scale <= 0:
         raise UserError(f"--scale must be positive, got {ns.scale}")
-    cfg = BootstrapConfig(out=ns.out, seed=ns.seed)
+    cfg = BootstrapConfig(out=ns.out, seed=ns.seed, threads=ns.threads)
     for key in ("vae_steps", "unet_steps", "evaluator_steps", "judge_steps"):
         setattr(cfg, key, max(1, int(getattr(cfg, key) * ns.scale)))
     if ns.scale < 1:
