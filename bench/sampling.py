@@ -34,7 +34,7 @@ def _worker(k: int, checkpointing: bool, folder: str, evaluator_dir: str) -> dic
     from omegaconf import OmegaConf
 
     from craft_ray import cas, sampling
-    from craft_ray.config import LoraConfig
+    from craft_ray.config import EvaluatorConfig, LoraConfig
     from craft_ray.knowledge import load_shipped
     from craft_ray.models.diffusion import DiffusionModel, load_components
     from craft_ray.models.evaluators import load_evaluator
@@ -43,8 +43,7 @@ def _worker(k: int, checkpointing: bool, folder: str, evaluator_dir: str) -> dic
     torch.manual_seed(0)
     torch.set_num_threads(1)
     model = DiffusionModel(load_components(folder), OmegaConf.structured(LoraConfig), gradient_checkpointing=False)
-    ev_cfg = OmegaConf.create({"model": f"local-dir:{evaluator_dir}", "pretrained": None, "family": "vit"})
-    evaluator = load_evaluator(ev_cfg)
+    evaluator = load_evaluator(EvaluatorConfig(model=f"local-dir:{evaluator_dir}", family="vit"))
     texts = cas.build_texts(evaluator, load_shipped("cxr", "phantom"), "cxr")
     weights = {"label": 1 / 3, "checklist": 1 / 3, "modality": 1 / 3, "realism": 0.0}
     reward_fn = make_reward(weights, cas.CASScorer(evaluator, texts, None))

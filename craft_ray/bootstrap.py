@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from craft_ray.cli import Parser, add_common_flags, run
-from craft_ray.config import PACKAGE_ROOT
+from craft_ray.config import PACKAGE_ROOT, EvaluatorConfig
 from craft_ray.data.phantom import generate, oracle
 from craft_ray.data.phantom.truth import answers
 from craft_ray.errors import UserError
@@ -77,6 +77,23 @@ class Corpus:
     meta: list[dict]
 
 
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 images [N,H,W,3] -> float [N,3,H,W] in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def to_uint8(pixels: torch.Tensor) -> np.ndarray:
+    """float [N,3,H,W] in [-1, 1] -> uint8 images [N,H,W,3]."""
+    return ((pixels.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+
+
+def embed_prompts(tokenizer, text_encoder, texts: Sequence[str]) -> torch.Tensor:
+    """CLIP text embeddings [B,L,D], padded to the tokenizer's length (as DiffusionModel.encode_prompts)."""
+    ids = tokenizer(list(texts), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    return text_encoder(ids)[0]
+
+
 def phantom_corpus(n_per_modality: int, size: int, seed: int) -> Corpus:
     """Generate ``n_per_modality`` phantoms of each modality (seeded; labels balanced)."""
     images, mods, labels, metas = [], [], [], []
@@ -86,7 +103,7 @@ def phantom_corpus(n_per_modality: int, size: int, seed: int) -> Corpus:
         mods += [m] * n_per_modality
         labels += batch.labels
         metas += batch.meta
-    pixels = torch.from_numpy(np.concatenate(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    pixels = to_tensor(np.concatenate(images))
     return Corpus(pixels, mods, labels, metas)
 
 
@@ -186,9 +203,7 @@ def train_base_unet(components: dict, pixels: torch.Tensor, captions: Sequence[s
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
         drop = torch.rand(batch, generator=gen) < cond_dropout
         text = ["" if d else captions[i] for i, d in zip(idx.tolist(), drop.tolist(), strict=True)]
-        ids = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                        return_tensors="pt").input_ids
-        cond = text_encoder(ids)[0]
+        cond = embed_prompts(tokenizer, text_encoder, text)
         pred = unet(scheduler.add_noise(latents, noise, t), t, encoder_hidden_states=cond).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
@@ -210,12 +225,10 @@ def base_modality_accuracy(folder: Path, n_per_modality: int, seed: int, steps: 
     from craft_ray.models.diffusion import load_components
 
     comp = load_components(str(folder))
-    tok, te, unet, vae = comp["tokenizer"], comp["text_encoder"], comp["unet"], comp["vae"]
+    unet, vae = comp["unet"], comp["vae"]
 
     def embed(texts: list[str]) -> torch.Tensor:
-        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids
-        return te(ids)[0]
+        return embed_prompts(comp["tokenizer"], comp["text_encoder"], texts)
 
     out = {}
     gen = torch.Generator().manual_seed(seed)
@@ -227,7 +240,7 @@ def base_modality_accuracy(folder: Path, n_per_modality: int, seed: int, steps: 
             lat = sampling.sample(unet, comp["scheduler"], cond, uncond, torch.randn(shape, generator=gen),
                                   num_steps=steps, guidance_scale=guidance, k=0).latents
             images = sampling.decode(vae, lat)
-        arr = ((images.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+        arr = to_uint8(images)
         out[m] = float(np.mean([oracle.modality_of(a) == m for a in arr]))
     return out
 
@@ -302,7 +315,7 @@ def zero_shot_accuracy(evaluator, knowledge: dict[str, Knowledge], n: int, seed:
     acc = {}
     for j, m in enumerate(MODALITY_NAMES):
         batch = generate(m, n, seed=seed + j)
-        x = torch.from_numpy(batch.images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        x = to_tensor(batch.images)
         texts = build_texts(evaluator, knowledge[m], m)
         with torch.no_grad():
             emb = torch.cat([evaluator.encode_images(x[i:i + 128]) for i in range(0, n, 128)])
@@ -350,7 +363,7 @@ def train_judge(folder: Path, corpus: Corpus, knowledge: dict[str, Knowledge], *
 
     make_tiny_judge(folder, seed=seed)
     engine = TransformersEngine(str(folder), device="cpu", dtype="float32")
-    arr = ((corpus.pixels.permute(0, 2, 3, 1) + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+    arr = to_uint8(corpus.pixels)
     idx, questions, truth = judge_pairs(arr, corpus.modality, corpus.label, corpus.meta, knowledge, 6, seed)
     images = _pil(arr)
     losses = fit_yes_no(engine, [images[i] for i in idx], questions, truth, steps=steps, batch_size=batch, seed=seed)
@@ -426,12 +439,12 @@ def train_parts(cfg: BootstrapConfig, parts: Sequence[str]) -> dict:
             continue
         folder = make_tiny_evaluator(cfg.out / part, family, image_size=cfg.size, bpe_merges=8192,
                                      context_length=48, seed=cfg.seed)
-        ev = load_evaluator(_EvaluatorRef(f"local-dir:{folder}", family))
+        ev = load_evaluator(EvaluatorConfig(model=f"local-dir:{folder}", family=family))
         report[part] = _timed(report, part, lambda ev=ev: train_evaluator(
             ev, corpus, knowledge, steps=cfg.evaluator_steps, batch=cfg.evaluator_batch, seed=cfg.seed))
         ev.save(folder)
         report[part]["zero_shot_label_accuracy"] = zero_shot_accuracy(
-            load_evaluator(_EvaluatorRef(f"local-dir:{folder}", family)), knowledge, cfg.n_eval, 10_000 + cfg.seed)
+            load_evaluator(EvaluatorConfig(model=f"local-dir:{folder}", family=family)), knowledge, cfg.n_eval, 10_000 + cfg.seed)
 
     if "judge" in parts:
         report["judge"] = _timed(report, "judge", lambda: train_judge(
@@ -476,13 +489,6 @@ def bootstrap(cfg: BootstrapConfig, parts: Sequence[str] = PARTS, jobs: int = 1)
     report["size_mb"] = {p: round(s / 1e6, 2) for p, s in sizes.items()} | {"total": round(sum(sizes.values()) / 1e6, 2)}
     report_path.write_text(json.dumps(report, indent=2))
     return report
-
-
-@dataclass
-class _EvaluatorRef:
-    model: str
-    family: str
-    pretrained: str | None = None
 
 
 def main(argv: list[str]) -> int:

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from craft_ray import cas
+from craft_ray.config import EvaluatorConfig
 from craft_ray.data.phantom import generate
 from craft_ray.errors import UserError
 from craft_ray.knowledge import load_shipped
@@ -19,15 +20,10 @@ from craft_ray.rewards import make_reward
 EQUAL = {"label": 0.25, "checklist": 0.25, "modality": 0.25, "realism": 0.25}
 
 
-class _Cfg:
-    def __init__(self, model: str, family: str):
-        self.model, self.pretrained, self.family = model, None, family
-
-
 @pytest.fixture(scope="module")
 def evaluator(tmp_path_factory: pytest.TempPathFactory):
     folder = make_tiny_evaluator(tmp_path_factory.mktemp("ev") / "vit", "vit", seed=0)
-    return load_evaluator(_Cfg(f"local-dir:{folder}", "vit"))
+    return load_evaluator(EvaluatorConfig(model=f"local-dir:{folder}", family="vit"))
 
 
 @pytest.fixture(scope="module")
@@ -179,7 +175,7 @@ def test_checklist_judge_twin_and_gating() -> None:
 
 
 def test_reward_gradient_matches_finite_differences(evaluator, texts, bank) -> None:
-    ev64 = load_evaluator(_Cfg(evaluator.id, "vit")).to(dtype=torch.float64)
+    ev64 = load_evaluator(EvaluatorConfig(model=evaluator.id, family="vit")).to(dtype=torch.float64)
     texts64 = cas.build_texts(ev64, load_shipped("cxr", "phantom"), "cxr")
     bank64 = cas.ReferenceBank({k: v.double() for k, v in bank.embeddings.items()}, bank.median, bank.spread,
                                bank.k, bank.evaluator_id, bank.knowledge_version)

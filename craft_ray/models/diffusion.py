@@ -32,6 +32,7 @@ from safetensors import safe_open
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from craft_ray.errors import UserError
+from craft_ray.sampling import decode
 
 SUBFOLDERS: tuple[str, ...] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA file name
@@ -356,8 +357,8 @@ class DiffusionModel:
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Images (B, 3, H, W) in [-1, 1] from scaled latents (B, C, h, w); differentiable in the latents."""
         with self.autocast():
-            images = self.vae.decode(latents / self.vae.config.scaling_factor).sample
-        return images.float().clamp(-1.0, 1.0)
+            images = decode(self.vae, latents)
+        return images.float()
 
     def predict(self, latents: torch.Tensor, timesteps: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
         """UNet output (B, C, h, w) in float32: noise, velocity or sample per scheduler.config.prediction_type."""

@@ -610,10 +610,7 @@ class OpenAIEngine(LLMEngine):
     def __init__(self, model: str, *, base_url: str | None, api_key_env: str = "OPENAI_API_KEY",
                  timeout_s: float = 60.0, max_retries: int = 3, max_new_tokens: int = 256,
                  top_logprobs: int = MAX_TOP_LOGPROBS, concurrency: int = 8) -> None:
-        try:
-            import openai
-        except ImportError as exc:
-            raise UserError("judges.engine.kind=openai needs the openai client: pip install openai") from exc
+        import openai  # a runtime dependency; imported here to keep start-up light
         if not base_url:
             raise UserError("judges.engine.kind=openai needs judges.engine.base_url, e.g. http://127.0.0.1:8000/v1")
         self._openai = openai
