@@ -18,6 +18,7 @@ and an evaluation job; the evaluator-specific text embeddings are computed once 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,12 @@ def check_weights(weights: Mapping[str, float], atol: float = 1e-6) -> dict[str,
             f"CAS weights must sum to 1 (the simplex), got {total:.6g} from {w}; use normalise_weights()"
         )
     return w
+
+
+def weights_key(weights: Mapping[str, float]) -> str:
+    """A short file-name-safe key of simplex weights, e.g. ``w0.25-0.25-0.25-0.25``."""
+    w = check_weights(weights)
+    return "w" + "-".join(f"{w[d]:.4g}" for d in DIMENSIONS)
 
 
 def normalise_weights(weights: Mapping[str, float]) -> dict[str, float]:
@@ -209,8 +216,10 @@ class ReferenceBank:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"median": self.median, "spread": self.spread, "k": self.k,
                 "evaluator_id": self.evaluator_id, "knowledge_version": self.knowledge_version}
-        save_file({lab: e.contiguous() for lab, e in self.embeddings.items()}, str(path),
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({lab: e.contiguous() for lab, e in self.embeddings.items()}, str(tmp),
                   metadata={"craft_ray": json.dumps(meta)})
+        os.replace(tmp, path)  # atomic: concurrent workers building the same bank never see half a file
         return path
 
     @staticmethod
@@ -344,7 +353,9 @@ class Threshold:
         """Write as JSON."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.__dict__, indent=2, sort_keys=True))
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.__dict__, indent=2, sort_keys=True))
+        os.replace(tmp, path)
         return path
 
     @staticmethod

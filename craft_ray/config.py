@@ -169,11 +169,14 @@ class TrainConfig:
     craft_steps: int = 60  # optimizer steps of the CRAFT stage
     sft_lr: float = 1e-3  # AdamW learning rate, SFT
     craft_lr: float = 3e-4  # AdamW learning rate, CRAFT
+    init_lora: str | None = None  # CRAFT: SFT LoRA file/folder to start from; null = this run's own SFT stage
     weight_decay: float = 0.0  # AdamW weight decay
     warmup_steps: int = 10  # linear warm-up, then cosine decay to 0
     max_grad_norm: float = 1.0  # gradient clipping (L2 norm)
     eval_every: int = 20  # steps between periodic evaluations
     eval_images_per_label: int = 16  # periodic evaluation: images per label (fixed seed set)
+    final_images_per_label: int = 64  # final SFT-vs-CRAFT evaluation: images per label (another fixed seed set)
+    log_every: int = 10  # steps between progress lines and MLflow metric logs
     checkpoint_every: int = 20  # steps between checkpoints
     keep_checkpoints: int = 2  # CheckpointConfig.num_to_keep
     max_failures: int = 1  # FailureConfig.max_failures (worker restarts from the last checkpoint)
@@ -225,7 +228,7 @@ class ExperimentConfig:
 
 
 # Paths a user may give relative to the working directory; made absolute so Ray workers agree.
-PATH_KEYS: tuple[str, ...] = ("data.manifest", "data.cache_dir", "knowledge.path", "output_dir")
+PATH_KEYS: tuple[str, ...] = ("data.manifest", "data.cache_dir", "knowledge.path", "output_dir", "train.init_lora")
 
 # Values checked after merging; OmegaConf checks keys and types, these check choices.
 CHOICES: dict[str, tuple[str, ...]] = {

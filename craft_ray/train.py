@@ -1,51 +1,305 @@
 """``python -m craft_ray.train``: SFT baseline and CRAFT reward finetuning on Ray Train.
 
 The stages (DESIGN.md, "Training"): ``sft`` (LoRA adaptation with the diffusion loss),
-``craft`` (DRaFT-K reward finetuning on the CAS dimensions) and ``all`` (both, then evaluation).
+``craft`` (DRaFT-K reward finetuning on the CAS dimensions, from the SFT LoRA) and ``all`` (both,
+then the SFT-vs-CRAFT evaluation table). Each training stage is one Ray Train ``TorchTrainer`` run
+named ``<name>-<stage>`` under ``ray.storage_path``: rerunning with the same ``name`` resumes from
+its last checkpoint (a finished stage is not trained again). The per-worker loop is
+:func:`craft_ray.training.run_stage`; evaluation lives in :mod:`craft_ray.evaluate`.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
+import time
+from pathlib import Path
+from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from craft_ray.cli import config_parser, resolve, run
 from craft_ray.config import to_yaml
 from craft_ray.errors import UserError
 
-# stage -> the stages it runs; a stage is listed in STAGES only once its code has landed.
+# stage -> the stages it runs.
 PLAN: dict[str, tuple[str, ...]] = {"sft": ("sft",), "craft": ("craft",), "all": ("sft", "craft", "evaluate")}
-STAGES: dict[str, object] = {}
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
 
 EPILOG = """examples:
   python -m craft_ray.train                                  # embedded default: tiny profile, phantom cxr
   python -m craft_ray.train modality=derm train.sft_steps=50
   python -m craft_ray.train experiment.yaml --print-config
+  python -m craft_ray.train stage=craft train.init_lora=runs/craft-cxr/sft name=craft-cxr-b2 reward.beta=0.2
   ray job submit --working-dir . -- python -m craft_ray.train modality=fundus
 """
 
 
 def stage_table() -> str:
-    """One line per stage saying whether it exists in this version."""
-    lines = ["stages:"]
-    for stage in ("sft", "craft", "evaluate"):
-        state = "available" if stage in STAGES else "not in this version yet"
-        lines.append(f"  {stage:<9} {state}")
-    return "\n".join(lines)
+    """One line per stage saying what it does."""
+    return "\n".join([
+        "stages:",
+        "  sft       LoRA adaptation with the diffusion loss (the baseline)",
+        "  craft     DRaFT-K reward finetuning on the CAS dimensions, from the SFT LoRA",
+        "  evaluate  SFT vs CRAFT on a fixed seed set (stage=all only)",
+    ])
+
+
+# ----------------------------------------------------------------------------------------------- Ray
+
+
+def init_ray(cfg: DictConfig) -> bool:
+    """Connect to ``ray.address`` (or RAY_ADDRESS, e.g. under ``ray job submit``), else start a local
+    instance; returns whether this process started Ray."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    env = {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=cfg.ray.address or None, log_to_driver=True)
+        return False
+    ray.init(num_cpus=cfg.ray.num_cpus, object_store_memory=int(cfg.ray.object_store_memory),
+             include_dashboard=False, runtime_env={"env_vars": env})
+    return True
+
+
+def ensure_judges(cfg: DictConfig) -> bool:
+    """Use the judges app named in config (on this cluster or at ``judges.url``); start the embedded one
+    on this cluster when none answers. Returns whether judges are available."""
+    from craft_ray.judges.client import JudgesClient, base_url, serve_app_running
+
+    j = cfg.judges
+    if serve_app_running(str(j.app_name)):
+        print(f"judges: using Serve app {j.app_name!r} on this Ray cluster", flush=True)
+        return True
+    try:
+        with JudgesClient.from_config(j, retries=0, timeout_s=5.0) as client:
+            client.health()
+        print(f"judges: using {base_url(j)}", flush=True)
+        return True
+    except Exception:  # nothing answers there: start the embedded app below
+        pass
+    from ray import serve
+
+    from craft_ray.judges.app import application
+
+    t0 = time.perf_counter()
+    try:
+        serve.start(http_options={"host": j.host, "port": int(j.port)})
+        serve.run(application(cfg), name=str(j.app_name), route_prefix=str(j.route_prefix))
+    except Exception as exc:  # training goes on; evaluations record the judge as missing
+        print(f"judges: could not start the embedded app ({type(exc).__name__}: {' '.join(str(exc).split())[:300]});"
+              " the checklist-judge score is left out", flush=True)
+        return False
+    print(f"judges: started the embedded app {j.app_name!r} at {base_url(j)} in {time.perf_counter() - t0:.0f} s "
+          f"(model {j.engine.model})", flush=True)
+    return True
+
+
+def online_enrichment(cfg: DictConfig) -> dict[str, list[str]]:
+    """Extra CRAFT prompts per label from the enricher (``knowledge.online_enrichment``)."""
+    from craft_ray.judges.client import connect
+    from craft_ray.modalities import get_modality
+
+    extra: dict[str, list[str]] = {}
+    client = connect(cfg)
+    for lab in get_modality(cfg.modality).label_names(cfg.data.dataset):
+        extra[lab] = list(client.enrich(cfg.modality, lab, int(cfg.knowledge.n_enriched), seed=int(cfg.seed)))
+    n = sum(len(v) for v in extra.values())
+    print(f"online enrichment: {n} extra prompts for {len(extra)} labels", flush=True)
+    return extra
+
+
+def _remote_options(cfg: DictConfig) -> dict[str, Any]:
+    opts: dict[str, Any] = {"num_cpus": float(cfg.train.cpus_per_worker)}
+    if cfg.train.use_gpu:
+        opts["num_gpus"] = 1
+    return opts
+
+
+def _prepare(cfg_dict: dict) -> dict[str, float]:
+    """Generate/scan the data and build both evaluators' reference banks and thresholds (cached on disk)."""
+    from craft_ray import evaluate as ev
+
+    cfg = OmegaConf.create(cfg_dict)
+    knowledge = ev.load_knowledge_for(cfg)
+    manifest = ev.load_dataset(cfg)
+    return {w: ev.ScoringSetup.build(cfg, w, knowledge, "cpu", manifest).threshold.tau for w in ev.EVALUATORS}
+
+
+def _final_evaluation(cfg_dict: dict, loras: dict[str, Any], use_judges: bool) -> tuple[dict, dict]:
+    """The SFT-vs-CRAFT evaluation (in a Ray task on a training node): per-image scores and taus."""
+    import contextlib
+
+    import torch
+
+    from craft_ray import evaluate as ev
+
+    cfg = OmegaConf.create(cfg_dict)
+    torch.set_num_threads(max(1, int(cfg.train.torch_threads)))
+    device = "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
+    judge = None
+    if use_judges:
+        from craft_ray.training import _judge_client
+
+        judge = _judge_client(cfg)
+    with contextlib.ExitStack() as stack:
+        paths = {name: stack.enter_context(ck.as_directory()) if hasattr(ck, "as_directory") else ck
+                 for name, ck in loras.items()}
+        return ev.evaluate_loras(cfg, paths, n_per_label=int(cfg.train.final_images_per_label), judge=judge,
+                                 device=device)
+
+
+# ----------------------------------------------------------------------------------------------- stages
+
+
+def fit_stage(cfg: DictConfig, stage: str, run_id: str | None, init_lora: Any, extra_prompts: dict,
+              use_judges: bool, out_dir: Path):
+    """Train one stage with a TorchTrainer (or in this process when ``train.num_workers=0``).
+
+    Returns the stage's final checkpoint (a ``ray.train.Checkpoint`` or a local folder) and its metrics.
+    """
+    from craft_ray import training
+    from craft_ray.training import stage_steps
+
+    config = {"cfg": OmegaConf.to_container(cfg, resolve=True), "stage": stage, "init_lora": init_lora,
+              "mlflow_run_id": run_id, "output_dir": str(out_dir), "extra_prompts": extra_prompts,
+              "use_judges": use_judges}
+    n = int(cfg.train.num_workers)
+    t = cfg.train
+    print(f"[{stage}] {stage_steps(cfg, stage)} steps; effective batch {t.batch_size * t.grad_accum * max(1, n)} = "
+          f"{t.batch_size} per worker x {t.grad_accum} accumulation x {max(1, n)} worker(s)", flush=True)
+    storage = Path(cfg.ray.storage_path) if "://" not in str(cfg.ray.storage_path) else None
+    if n == 0:
+        session = training.LocalSession((storage or out_dir) / f"{cfg.name}-{stage}", keep=int(cfg.train.keep_checkpoints))
+        training.run_stage(config, session)
+        return session.latest, session.last_metrics
+
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    resources = {"CPU": float(cfg.train.cpus_per_worker)}
+    if cfg.train.use_gpu:
+        resources["GPU"] = 1.0
+    trainer = TorchTrainer(
+        training.train_loop_per_worker,
+        train_loop_config=config,
+        scaling_config=ScalingConfig(num_workers=n, use_gpu=bool(cfg.train.use_gpu), resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=f"{cfg.name}-{stage}",
+            storage_path=str(cfg.ray.storage_path),
+            checkpoint_config=CheckpointConfig(num_to_keep=int(cfg.train.keep_checkpoints)),
+            failure_config=FailureConfig(max_failures=int(cfg.train.max_failures)),
+            worker_runtime_env={"env_vars": {k: os.environ.get(k, v) for k, v in WORKER_ENV.items()}},
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # TrainingFailedError and friends: the worker's error is the useful part
+        raise UserError(f"stage {stage} failed: {' '.join(str(exc).split())[:1500]}") from exc
+    if result.checkpoint is None:
+        raise UserError(f"stage {stage} finished without a checkpoint under {cfg.ray.storage_path}")
+    return result.checkpoint, dict(result.metrics or {})
+
+
+def _init_lora(cfg: DictConfig, out_dir: Path, sft_checkpoint: Any) -> Any:
+    if sft_checkpoint is not None:
+        return sft_checkpoint
+    if cfg.train.init_lora:
+        return str(cfg.train.init_lora)
+    own = out_dir / "sft"
+    if (own / "pytorch_lora_weights.safetensors").is_file():
+        return str(own)
+    raise UserError(
+        f"stage=craft needs an SFT LoRA: set train.init_lora=PATH, or run stage=sft (or all) with name={cfg.name} "
+        f"first (looked for {own}/pytorch_lora_weights.safetensors)"
+    )
 
 
 def train(cfg: DictConfig) -> int:
-    """Run the stages of ``cfg.stage``; refuses clearly when one of them has not landed."""
-    missing = [s for s in PLAN[cfg.stage] if s not in STAGES]
-    if missing:
-        raise UserError(
-            f"stage {cfg.stage!r} needs {', '.join(missing)}, which this version of craft_ray does not have yet; "
-            "see the README's Status section (python -m craft_ray.train --list-stages)"
-        )
-    for stage in PLAN[cfg.stage]:
-        STAGES[stage](cfg)  # type: ignore[operator]
+    """Run the stages of ``cfg.stage`` and, for ``all``, print and log the SFT-vs-CRAFT table."""
+    import ray
+
+    from craft_ray import tracking
+    from craft_ray.models.evaluators import check_out_of_family
+
+    stages = PLAN[cfg.stage]
+    t_start = time.perf_counter()
+    out_dir = Path(cfg.output_dir) / str(cfg.name)
+    tracking.client(cfg.tracking.tracking_uri)  # a refused tracking URI fails before Ray starts
+    check_out_of_family(cfg.model.evaluator, cfg.model.ood_evaluator)
+    init_ray(cfg)
+    use_judges = bool(cfg.cas.use_judge or cfg.knowledge.online_enrichment) and ensure_judges(cfg)
+    taus = ray.get(ray.remote(_prepare).options(**_remote_options(cfg)).remote(OmegaConf.to_container(cfg)))
+    print("real-image CAS thresholds tau_q: " + ", ".join(f"{k} {v:.4f}" for k, v in taus.items()), flush=True)
+    runs = tracking.stage_runs(cfg, tuple(s for s in stages if s != "evaluate"))
+    top = tracking.StageTracker(cfg.tracking.tracking_uri, runs.get("parent") or runs[stages[0]])
+    _log_inputs(cfg, top, out_dir)
+    extra = online_enrichment(cfg) if cfg.knowledge.online_enrichment and use_judges else {}
+    if extra:
+        top.log_dict(extra, "knowledge/online_enrichment.json")
+
+    checkpoints: dict[str, Any] = {}
+    status = "FAILED"
+    try:
+        for stage in stages:
+            if stage == "evaluate":
+                continue
+            init = _init_lora(cfg, out_dir, checkpoints.get("sft")) if stage == "craft" else None
+            t0 = time.perf_counter()
+            checkpoints[stage], metrics = fit_stage(cfg, stage, runs[stage], init, extra, use_judges, out_dir)
+            from craft_ray.training import describe_metrics
+
+            print(f"[{stage}] finished in {time.perf_counter() - t0:.0f} s: {describe_metrics(metrics)}", flush=True)
+        if "evaluate" in stages:
+            _evaluate(cfg, checkpoints, use_judges, top, out_dir)
+        status = "FINISHED"
+    finally:
+        tracking.end_runs(cfg.tracking.tracking_uri, runs, status)
+    print(f"total {time.perf_counter() - t_start:.0f} s; MLflow: {cfg.tracking.tracking_uri} experiment "
+          f"{cfg.tracking.experiment!r}, run {runs.get('parent') or runs[stages[0]]}", flush=True)
     return 0
+
+
+def _log_inputs(cfg: DictConfig, tracker, out_dir: Path) -> None:
+    from craft_ray import evaluate as ev
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(to_yaml(cfg))
+    tracker.log_artifact(out_dir / "config.yaml", "config")
+    knowledge = ev.load_knowledge_for(cfg)
+    path = knowledge.save(out_dir / "knowledge.yaml")
+    tracker.log_artifact(path, "knowledge")
+    tracker.set_tag("knowledge_version", knowledge.content_hash())
+
+
+def _evaluate(cfg: DictConfig, checkpoints: dict[str, Any], use_judges: bool, tracker, out_dir: Path) -> None:
+    import numpy as np
+    import ray
+
+    from craft_ray import evaluate as ev
+
+    t0 = time.perf_counter()
+    task = ray.remote(_final_evaluation).options(**_remote_options(cfg))
+    runs, taus = ray.get(task.remote(OmegaConf.to_container(cfg, resolve=True), checkpoints, use_judges))
+    rows = ev.compare_rows(runs, taus, n_boot=int(cfg.cas.bootstrap), seed=int(cfg.seed))
+    n = int(cfg.train.final_images_per_label)
+    title = (f"SFT vs CRAFT, {cfg.modality} ({cfg.data.dataset}), {n} images per label on a fixed seed set; "
+             "95 % bootstrap CIs in brackets")
+    table = ev.markdown_table(rows)
+    print(f"\n{title}\n{table}\n(evaluation {time.perf_counter() - t0:.0f} s)", flush=True)
+    (out_dir / "results.md").write_text(f"# {title}\n\n{table}\n")
+    summary = {name: ev.summarise(scores, taus) for name, scores in runs.items()}
+    (out_dir / "results.json").write_text(json.dumps({"taus": taus, "summary": summary}, indent=2))
+    tracker.log_artifact(out_dir / "results.md", "results")
+    tracker.log_artifact(out_dir / "results.json", "results")
+    tracker.log_metrics({f"final/{name}/{k}": v for name, s in summary.items() for k, v in s.items()
+                         if np.isfinite(v)}, 0)
+    for name, scores in runs.items():
+        tracker.log_image(scores["grid"], f"samples/final_{name}.png")
 
 
 def main(argv: list[str]) -> int:

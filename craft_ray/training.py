@@ -1,0 +1,600 @@
+"""The per-worker training loop of the SFT and CRAFT stages (run by Ray Train, or in-process).
+
+One function, :func:`run_stage`, trains one stage on one worker (DDP rank):
+
+- ``sft``: LoRA on the UNet with the noise-prediction loss on real images and their
+  label-conditioned prompts (10 % of prompts dropped, so classifier-free guidance keeps working).
+- ``craft``: from the SFT LoRA, DRaFT-K: sample with DDIM from prompts drawn from the knowledge
+  file, backpropagate the reward (weighted CAS dimensions of the training evaluator) through the
+  last K steps, and subtract ``beta`` times the diffusion loss on a real batch.
+
+Both use AdamW on the LoRA parameters only, gradient accumulation, warm-up + cosine decay, gradient
+clipping, autocast on GPU and (optionally) gradient checkpointing. Data order and noise are
+functions of (seed, step, rank), so a run resumed from a checkpoint continues exactly where the
+checkpoint was taken. Rank 0 evaluates every ``train.eval_every`` steps on a fixed seed set, logs to
+MLflow, writes checkpoints (LoRA in the diffusers format, optimizer, scheduler, RNG state, step and
+the reward-hacking guard's state) and a ``progress.json`` with the step and its process id.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from craft_ray import evaluate as ev
+from craft_ray.data.dataset import ImageDataset, load_dataset
+from craft_ray.errors import UserError
+from craft_ray.modalities import get_modality
+from craft_ray.models.diffusion import LORA_WEIGHT_NAME, DiffusionModel
+from craft_ray.rewards import make_reward
+from craft_ray.sampling import draft_lv, draw_k, sample
+
+STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+BEST_LORA_FILE = "best_ood_lora.safetensors"
+COND_DROPOUT = 0.1  # SFT: share of prompts replaced by "" (keeps the unconditional model for guidance)
+
+
+# ----------------------------------------------------------------------------------------------- sessions
+
+
+class Session:
+    """Where a stage runs: rank, device, checkpoints and reports. See :class:`RaySession`, :class:`LocalSession`."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    def latest_checkpoint_dir(self):  # -> contextmanager yielding a folder, or None
+        raise NotImplementedError
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        raise NotImplementedError
+
+    def wrap(self, unet: torch.nn.Module) -> torch.nn.Module:
+        return unet
+
+
+class RaySession(Session):
+    """Inside a Ray Train worker (Train v2): DDP via ``prepare_model``, checkpoints via ``ray.train``."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def latest_checkpoint_dir(self):
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        return ckpt.as_directory() if ckpt else None
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+    def wrap(self, unet: torch.nn.Module) -> torch.nn.Module:
+        import ray.train.torch
+
+        if self.world_size == 1:
+            return unet
+        # Buffers are not broadcast: rank 0 runs evaluation forwards alone, which must not be collectives.
+        return ray.train.torch.prepare_model(unet, move_to_device=False,
+                                             parallel_strategy_kwargs={"broadcast_buffers": False})
+
+
+class LocalSession(Session):
+    """In the calling process (``train.num_workers=0``): checkpoints are folders under ``root``."""
+
+    def __init__(self, root: str | Path, device: str | torch.device = "cpu", keep: int = 2) -> None:
+        self.root = Path(root)
+        self.device = torch.device(device)
+        self.keep = keep
+        self.last_metrics: dict[str, float] = {}
+
+    def _checkpoints(self) -> list[Path]:
+        return sorted(self.root.glob("checkpoint_*")) if self.root.is_dir() else []
+
+    def latest_checkpoint_dir(self):
+        found = self._checkpoints()
+        return _nullcontext(str(found[-1])) if found else None
+
+    def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        self.last_metrics = dict(metrics)
+        if checkpoint_dir:
+            dest = self.root / f"checkpoint_{int(metrics['step']):08d}"
+            tmp = self.root / f".{dest.name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(checkpoint_dir, tmp)
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(tmp, dest)
+            for old in self._checkpoints()[:-self.keep]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    @property
+    def latest(self) -> Path | None:
+        found = self._checkpoints()
+        return found[-1] if found else None
+
+
+class _nullcontext:
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def __enter__(self) -> str:
+        return self.value
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+class StepBatches:
+    """Batches as a pure function of (micro-step, rank): item j of the stream is permutation_{j // N}[j % N].
+
+    Micro-step m on rank r takes items (m * world + r) * B ... + B - 1, so ranks never share an item
+    within an epoch and a resumed run sees exactly the batches it would have seen.
+    """
+
+    def __init__(self, dataset: ImageDataset, batch_size: int, rank: int, world_size: int, seed: int) -> None:
+        self.dataset, self.batch_size, self.rank, self.world, self.seed = dataset, batch_size, rank, world_size, seed
+        self._perm: dict[int, torch.Tensor] = {}
+        n = len(dataset)
+        self._cache: dict[int, dict] | None = {} if n * 3 * dataset.size ** 2 * 4 <= 512 * 2 ** 20 else None
+
+    def _item(self, index: int) -> dict:
+        if self._cache is None:
+            return self.dataset[index]
+        if index not in self._cache:
+            self._cache[index] = self.dataset[index]
+        return self._cache[index]
+
+    def _perm_of(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perm:
+            self._perm = {epoch: torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(
+                self.seed * 1_000_003 + epoch))}
+        return self._perm[epoch]
+
+    def batch(self, micro_step: int) -> dict[str, Any]:
+        n = len(self.dataset)
+        first = (micro_step * self.world + self.rank) * self.batch_size
+        items = [self._item(int(self._perm_of(j // n)[j % n])) for j in range(first, first + self.batch_size)]
+        return {"pixels": torch.stack([it["pixels"] for it in items]), "prompts": [it["prompt"] for it in items],
+                "labels": [it["label_name"] for it in items]}
+
+
+def craft_prompt_pool(cfg: DictConfig, knowledge, extra: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """CRAFT prompts per label: the knowledge file's enriched prompts, the label's template prompts
+    (which include the canonical prompt SFT and evaluation use) and any online-enriched prompts."""
+    mod = get_modality(cfg.modality)
+    pool = {}
+    for lab in mod.label_names(cfg.data.dataset):
+        prompts = list(knowledge.prompts(lab)) + mod.prompts(lab, cfg.data.dataset) + list((extra or {}).get(lab, []))
+        pool[lab] = list(dict.fromkeys(prompts))
+    return pool
+
+
+# ----------------------------------------------------------------------------------------------- guard
+
+
+@dataclass
+class HackingGuard:
+    """Reward-hacking guard: training-evaluator CAS rising while out-of-family CAS falls, ``patience`` times.
+
+    ``update`` is called after each periodic evaluation; it returns True when the last ``patience``
+    consecutive evaluation-to-evaluation changes all had the training CAS up and the out-of-family
+    CAS down. It also tracks the evaluation that was best under the out-of-family CAS.
+    """
+
+    patience: int
+    history: list[tuple[int, float, float]] = field(default_factory=list)  # (step, train CAS, ood CAS)
+    best_step: int = -1
+    best_ood: float = -math.inf
+    triggered_at: int | None = None
+
+    def update(self, step: int, train_cas: float, ood_cas: float) -> tuple[bool, bool]:
+        """Record one evaluation; returns (is the new best under OOD CAS, guard triggered)."""
+        self.history.append((step, float(train_cas), float(ood_cas)))
+        best = ood_cas > self.best_ood
+        if best:
+            self.best_ood, self.best_step = float(ood_cas), step
+        h = self.history[-(self.patience + 1):]
+        hacking = len(h) == self.patience + 1 and all(
+            b[1] > a[1] and b[2] < a[2] for a, b in zip(h[:-1], h[1:], strict=True))
+        if hacking and self.triggered_at is None:
+            self.triggered_at = step
+        return best, hacking
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def warmup_cosine(warmup: int, total: int):
+    """LambdaLR factor: linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``total``."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _generator(seed: int, stage: str, step: int, rank: int, micro: int = 0) -> torch.Generator:
+    """The noise generator of one micro-step: a function of (seed, stage, step, rank), so resumes are exact."""
+    stage_id = {"sft": 1, "craft": 2}[stage]
+    value = ((seed * 7919 + stage_id) * 1_000_003 + step) * 1009 + rank * 31 + micro
+    return torch.Generator().manual_seed(value % (2 ** 63))
+
+
+def _grad_norm(params: Sequence[torch.nn.Parameter]) -> float:
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+def _broadcast(session: Session, obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (a no-op with one worker)."""
+    if session.world_size == 1:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def stage_steps(cfg: DictConfig, stage: str) -> int:
+    """Optimizer steps of a stage."""
+    return int(cfg.train.sft_steps if stage == "sft" else cfg.train.craft_steps)
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class StageState:
+    """What a checkpoint stores besides the LoRA and optimizer (``state.json``)."""
+
+    stage: str
+    step: int = 0
+    images_seen: int = 0
+    guard: dict = field(default_factory=dict)
+    stopped_early: str | None = None  # why training stopped before the configured steps (guard action)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Entry point of a Ray Train worker (``TorchTrainer(train_loop_per_worker, train_loop_config=...)``)."""
+    run_stage(config, RaySession())
+
+
+def run_stage(config: dict, session: Session) -> StageState:
+    """Train one stage on this worker. ``config`` keys: cfg (resolved config as a dict), stage, init_lora
+    (CRAFT: folder or file of the SFT LoRA), mlflow_run_id, output_dir, extra_prompts, use_judges."""
+    cfg = OmegaConf.create(config["cfg"])
+    stage = config["stage"]
+    if stage not in ("sft", "craft"):
+        raise UserError(f"unknown training stage {stage!r}; known: sft, craft")
+    torch.set_num_threads(max(1, int(cfg.train.torch_threads)))
+    torch.manual_seed(int(cfg.seed) + session.rank)
+    rank, world, device = session.rank, session.world_size, session.device
+    out_dir = Path(config["output_dir"])
+    total = stage_steps(cfg, stage)
+    lr = float(cfg.train.sft_lr if stage == "sft" else cfg.train.craft_lr)
+    accum = int(cfg.train.grad_accum)
+    batch_size = int(cfg.train.batch_size)
+
+    model = DiffusionModel.from_config(cfg.model, device, seed=int(cfg.seed))
+    if stage == "craft":
+        if not config.get("init_lora"):
+            raise UserError("stage craft starts from an SFT LoRA: run stage=all, or stage=craft with an SFT run "
+                            "of the same name done before")
+        init = config["init_lora"]
+        if hasattr(init, "as_directory"):  # a ray.train.Checkpoint of the SFT stage
+            with init.as_directory() as folder:
+                model.load_lora(folder)
+        else:
+            model.load_lora(init)
+    params = model.trainable_parameters()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=float(cfg.train.weight_decay))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(int(cfg.train.warmup_steps), total))
+    use_scaler = model.mixed_precision == "fp16" and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    state = StageState(stage)
+    guard = HackingGuard(int(cfg.train.hacking_patience))
+    best_lora: dict[str, torch.Tensor] | None = None
+
+    resume = session.latest_checkpoint_dir()
+    if resume is not None:
+        with resume as folder:
+            state, best_lora = _load_checkpoint(Path(folder), model, opt, sched, scaler)
+        guard = HackingGuard(**state.guard) if state.guard else guard
+        if rank == 0:
+            print(f"[{stage}] resuming from the checkpoint at step {state.step}/{total}", flush=True)
+    model.unet = session.wrap(model.unet)
+    model.train()
+
+    manifest = load_dataset(cfg)
+    train_ds = ImageDataset(manifest, "train", int(cfg.data.size), modality=cfg.modality,
+                            dataset=cfg.data.dataset, corrupt_images=cfg.data.corrupt_images)
+    real = StepBatches(train_ds, batch_size, rank, world, int(cfg.seed) + (0 if stage == "sft" else 17))
+    knowledge = ev.load_knowledge_for(cfg)
+    setups: dict[str, ev.ScoringSetup] = {}
+    if stage == "craft" or rank == 0:
+        setups["train"] = ev.ScoringSetup.build(cfg, "train", knowledge, device, manifest)
+    if rank == 0:
+        setups["ood"] = ev.ScoringSetup.build(cfg, "ood", knowledge, device, manifest)
+    reward_fn = make_reward(dict(cfg.reward.weights), setups["train"].scorer) if stage == "craft" else None
+    pool = craft_prompt_pool(cfg, knowledge, config.get("extra_prompts"))
+    labels_cycle = get_modality(cfg.modality).label_names(cfg.data.dataset)
+
+    tracker = None
+    if rank == 0 and config.get("mlflow_run_id"):
+        from craft_ray.tracking import StageTracker
+
+        tracker = StageTracker(cfg.tracking.tracking_uri, config["mlflow_run_id"])
+    judge = _judge_client(cfg) if rank == 0 and config.get("use_judges") else None
+
+    if rank == 0:
+        print(f"[{stage}] rank 0 of {world}: steps {state.step}..{total}, per-worker batch {batch_size} x {accum} "
+              f"accumulation, lr {lr:g}, device {device}", flush=True)
+    progress = out_dir / stage / "progress.json"
+    log_every = max(1, int(cfg.train.log_every))
+    window_t, window_images, window_start = 0.0, 0, state.step
+    metrics: dict[str, float] = {}
+    while state.step < total:
+        t0 = time.perf_counter()
+        step = state.step
+        info: dict[str, float] = {}
+        for micro in range(accum):
+            g = _generator(int(cfg.seed), stage, step, rank, micro)
+            sync = micro == accum - 1 or world == 1
+            ctx = model.unet.no_sync() if not sync and hasattr(model.unet, "no_sync") else _nullcontext("")
+            with ctx:
+                if stage == "sft":
+                    loss, parts = _sft_loss(model, real.batch(step * accum + micro), g)
+                else:
+                    loss, parts = _craft_loss(model, cfg, reward_fn, pool, labels_cycle, real,
+                                              step * accum + micro, g, rank, world)
+                scaler.scale(loss / accum).backward()
+            for k, v in parts.items():
+                info[k] = info.get(k, 0.0) + v / accum
+        scaler.unscale_(opt)
+        info["grad_norm"] = _grad_norm(params)
+        torch.nn.utils.clip_grad_norm_(params, float(cfg.train.max_grad_norm))
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        sched.step()
+        state.step += 1
+        state.images_seen += batch_size * accum * world
+        dt = time.perf_counter() - t0
+        window_t += dt
+        window_images += batch_size * accum * world
+        info.update(lr=sched.get_last_lr()[0], step_time_s=dt)
+        if rank == 0:
+            _write_json(progress, {"stage": stage, "step": state.step, "total": total, "pid": os.getpid(),
+                                   "time": time.time()})
+
+        last = state.step == total
+        evaluate_now = state.step % int(cfg.train.eval_every) == 0 or last
+        action = None
+        if evaluate_now:
+            if rank == 0:
+                eval_metrics = periodic_evaluation(model, cfg, setups, knowledge, judge, tracker, state.step, stage)
+                info.update(eval_metrics)
+                best, hacking = guard.update(state.step, eval_metrics["eval/train_cas"], eval_metrics["eval/ood_cas"])
+                if best:
+                    best_lora = {k: v.clone() for k, v in model.lora_state_dict().items()}
+                if hacking and stage == "craft":
+                    action = str(cfg.train.hacking_action)
+                    _warn_hacking(guard, action, tracker)
+            action = _broadcast(session, action)
+            if action == "rollback":
+                best_lora = _broadcast(session, best_lora)
+                model.load_lora_state_dict(best_lora, source=f"best checkpoint under out-of-family CAS "
+                                                             f"(step {guard.best_step})")
+            if action in ("stop", "rollback"):
+                state.stopped_early = f"reward hacking suspected at step {state.step}: {action}"
+                last = True
+        if state.step % log_every == 0 or last or evaluate_now:
+            info["images_per_s"] = window_images / max(window_t, 1e-9)
+            metrics = {"step": state.step, **info}
+            if rank == 0:
+                _print_progress(stage, state.step, total, info, window_start)
+                if tracker:
+                    tracker.log_metrics({k: v for k, v in info.items() if _finite(v)}, state.step)
+            window_t, window_images, window_start = 0.0, 0, state.step
+            checkpoint_now = state.step % int(cfg.train.checkpoint_every) == 0 or last
+            state.guard = asdict(guard)
+            with tempfile.TemporaryDirectory(prefix="craft-ckpt-") as tmp:
+                folder = None
+                if checkpoint_now and rank == 0:
+                    folder = _save_checkpoint(Path(tmp), model, opt, sched, scaler, state, best_lora)
+                session.report({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}, folder)
+        if last:
+            break
+
+    if rank == 0:
+        final = model.save_lora(out_dir / stage / LORA_WEIGHT_NAME)
+        print(f"[{stage}] done at step {state.step}; LoRA written to {final}", flush=True)
+        if tracker:
+            tracker.log_artifact(final, "lora")
+            tracker.finish(state)
+    return state
+
+
+def _sft_loss(model: DiffusionModel, batch: dict, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    loss = model.diffusion_loss(batch["pixels"].to(model.device), batch["prompts"], generator=g,
+                                cond_dropout=COND_DROPOUT)
+    return loss, {"loss": float(loss.detach())}
+
+
+def _craft_loss(model: DiffusionModel, cfg: DictConfig, reward_fn, pool: dict[str, list[str]],
+                labels_cycle: list[str], real: StepBatches, micro_step: int, g: torch.Generator, rank: int,
+                world: int) -> tuple[torch.Tensor, dict[str, float]]:
+    """−mean reward of DRaFT-K samples + beta · diffusion loss on a real batch."""
+    s = cfg.sampling
+    b = int(cfg.train.batch_size)
+    first = (micro_step * world + rank) * b
+    labels = [labels_cycle[(first + i) % len(labels_cycle)] for i in range(b)]  # balanced over labels
+    prompts = [pool[lab][int(torch.randint(len(pool[lab]), (1,), generator=g))] for lab in labels]
+    side = int(cfg.model.resolution) // model.latent_scale
+    noise = torch.randn((b, model.latent_channels, side, side), generator=g).to(model.device)
+    cond = model.encode_prompts(prompts)
+    uncond = model.encode_prompts([""]).expand(b, -1, -1)
+    k = draw_k(int(s.k), list(s.k_range) if s.k_range else None, int(s.num_steps), g)
+    with model.autocast():
+        traj = sample(model.unet, model.scheduler, cond, uncond, noise, num_steps=int(s.num_steps),
+                      guidance_scale=float(s.guidance_scale), eta=float(s.eta), k=k, generator=g,
+                      grad_checkpointing=model.gradient_checkpointing)
+        latents = traj.latents
+        if s.draft_lv:
+            latents = draft_lv(model.unet, model.scheduler, cond, uncond, latents, num_steps=int(s.num_steps),
+                               guidance_scale=float(s.guidance_scale), n=int(s.draft_lv_n), generator=g)
+            labels = labels * int(s.draft_lv_n)
+            prompts = prompts * int(s.draft_lv_n)
+    images = model.decode_latents(latents.float())
+    reward, dims = reward_fn(images, prompts, [{"label": y} for y in labels])
+    loss = -reward.mean()
+    parts = {"reward": float(reward.detach().mean()), "k": float(k)}
+    parts.update({f"reward_{d}": float(v.mean()) for d, v in dims.items()})
+    beta = float(cfg.reward.beta)
+    if beta > 0:
+        batch = real.batch(micro_step)
+        diff = model.diffusion_loss(batch["pixels"].to(model.device), batch["prompts"], generator=g,
+                                    cond_dropout=COND_DROPOUT)
+        loss = loss + beta * diff
+        parts["diffusion_loss"] = float(diff.detach())
+    parts["loss"] = float(loss.detach())
+    return loss, parts
+
+
+def periodic_evaluation(model: DiffusionModel, cfg: DictConfig, setups: dict[str, ev.ScoringSetup], knowledge,
+                        judge, tracker, step: int, stage: str) -> dict[str, float]:
+    """Rank 0: generate the fixed evaluation set, score it, log grids; returns ``eval/*`` metrics."""
+    t0 = time.perf_counter()
+    n = int(cfg.train.eval_images_per_label)
+    labels, prompts, seeds = ev.eval_plan(cfg, n)
+    images = ev.generate(model, prompts, seeds, cfg.sampling, int(cfg.model.resolution))
+    scores = ev.score_images(images, labels, setups, cfg, judge=judge, knowledge=knowledge)
+    summary = ev.summarise(scores, {w: s.threshold.tau for w, s in setups.items()})
+    if "judge_error" in scores:
+        print(f"[{stage}] step {step}: checklist judge missing from this evaluation ({scores['judge_error']})",
+              flush=True)
+        if tracker:
+            tracker.log_text(f"step {step}: {scores['judge_error']}\n", f"judge_missing_step_{step:06d}.txt")
+    if tracker:
+        pixels = ev.to_uint8(images)
+        tracker.log_image(ev.image_grid(pixels, n), f"samples/{stage}_step_{step:06d}.png")
+    out = {f"eval/{k}": v for k, v in summary.items()}
+    out["eval/seconds"] = time.perf_counter() - t0
+    return out
+
+
+def _warn_hacking(guard: HackingGuard, action: str, tracker) -> None:
+    steps = [h[0] for h in guard.history[-(guard.patience + 1):]]
+    msg = (f"reward hacking suspected: training-evaluator CAS rose while out-of-family CAS fell over the "
+           f"evaluations at steps {steps}; best out-of-family CAS {guard.best_ood:.4f} at step {guard.best_step}; "
+           f"action: {action}")
+    warnings.warn(msg, stacklevel=2)
+    print(f"WARNING: {msg}", flush=True)
+    if tracker:
+        tracker.set_tag("reward_hacking", msg)
+
+
+def _judge_client(cfg: DictConfig):
+    try:
+        from craft_ray.judges.client import connect
+
+        return connect(cfg, retries=int(cfg.judges.client_retries))
+    except Exception as exc:  # evaluation goes on without the judge; each evaluation logs it as missing
+        print(f"checklist judge unavailable: {type(exc).__name__}: {exc}", flush=True)
+        return None
+
+
+def _print_progress(stage: str, step: int, total: int, info: dict[str, float], since: int) -> None:
+    keys = ("loss", "reward", "diffusion_loss", "grad_norm", "images_per_s", "eval/train_cas", "eval/ood_cas",
+            "eval/train_tail_rate", "eval/ood_tail_rate", "eval/judge", "eval/oracle_label")
+    parts = [f"{k.removeprefix('eval/')} {info[k]:.4g}" for k in keys if k in info and _finite(info[k])]
+    print(f"[{stage}] step {step}/{total} " + " ".join(parts), flush=True)
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, int | float) and math.isfinite(v)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+
+def _save_checkpoint(folder: Path, model: DiffusionModel, opt, sched, scaler, state: StageState,
+                     best_lora: dict[str, torch.Tensor] | None) -> str:
+    from safetensors.torch import save_file
+
+    model.save_lora(folder / LORA_WEIGHT_NAME)
+    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                "rng": torch.get_rng_state()}, folder / OPTIMIZER_FILE)
+    if best_lora is not None:
+        save_file(best_lora, str(folder / BEST_LORA_FILE))
+    (folder / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
+    return str(folder)
+
+
+def _load_checkpoint(folder: Path, model: DiffusionModel, opt, sched, scaler
+                     ) -> tuple[StageState, dict[str, torch.Tensor] | None]:
+    from safetensors.torch import load_file
+
+    model.load_lora(folder / LORA_WEIGHT_NAME)
+    blob = torch.load(folder / OPTIMIZER_FILE, weights_only=True, map_location="cpu")
+    opt.load_state_dict(blob["optimizer"])
+    sched.load_state_dict(blob["scheduler"])
+    scaler.load_state_dict(blob["scaler"])
+    torch.set_rng_state(blob["rng"])
+    state = StageState(**json.loads((folder / STATE_FILE).read_text()))
+    best = load_file(str(folder / BEST_LORA_FILE)) if (folder / BEST_LORA_FILE).is_file() else None
+    return state, best
+
+
+def checkpoint_state(folder: str | Path) -> StageState:
+    """The :class:`StageState` stored in a checkpoint folder."""
+    return StageState(**json.loads((Path(folder) / STATE_FILE).read_text()))
+
+
+def read_progress(output_dir: str | Path, stage: str) -> dict | None:
+    """The last ``progress.json`` of a stage (step, total, pid, time), or None."""
+    path = Path(output_dir) / stage / "progress.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def describe_metrics(metrics: dict[str, float]) -> str:
+    """One line of the key final metrics of a stage."""
+    keys = ("eval/train_cas", "eval/train_tail_rate", "eval/ood_cas", "eval/ood_tail_rate", "eval/oracle_label")
+    return ", ".join(f"{k.removeprefix('eval/')} {metrics[k]:.3f}" for k in keys if k in metrics
+                     and isinstance(metrics[k], float) and np.isfinite(metrics[k]))

@@ -1,0 +1,216 @@
+"""Training: the per-worker loop (exact resume, the hacking guard) and the Ray Train driver end to end."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+
+from craft_ray import training
+from craft_ray.config import load_config
+from craft_ray.errors import UserError
+from craft_ray.models.diffusion import LORA_WEIGHT_NAME
+from tests.conftest import MICRO_OVERRIDES
+
+
+def micro_cfg(world: Path, tmp: Path, *extra: str):
+    return load_config(None, [f"tiny_world={world}", *MICRO_OVERRIDES, f"data.cache_dir={tmp / 'cache'}",
+                              f"output_dir={tmp / 'runs'}", f"ray.storage_path={tmp / 'ray'}",
+                              f"tracking.tracking_uri=sqlite:///{tmp / 'mlflow.db'}", *extra])
+
+
+def _stage(cfg, stage: str, root: Path, **extra) -> training.StageState:
+    config = {"cfg": OmegaConf.to_container(cfg, resolve=True), "stage": stage, "output_dir": str(root), **extra}
+    return training.run_stage(config, training.LocalSession(root / f"ckpt-{stage}", keep=10))
+
+
+# ----------------------------------------------------------------------------------------------- pure parts
+
+
+def test_warmup_cosine_schedule():
+    f = training.warmup_cosine(4, 20)
+    assert [round(f(s), 3) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert f(4) == pytest.approx(1.0)
+    assert f(12) == pytest.approx(0.5)
+    assert f(20) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_hacking_guard_needs_patience_consecutive_divergences():
+    g = training.HackingGuard(patience=2)
+    assert g.update(10, 0.50, 0.40) == (True, False)
+    assert g.update(20, 0.55, 0.38) == (False, False)  # one divergence
+    assert g.update(30, 0.54, 0.37) == (False, False)  # train CAS fell: the streak is broken
+    assert g.update(40, 0.60, 0.36) == (False, False)
+    assert g.update(50, 0.65, 0.35) == (False, True)  # two in a row
+    assert g.best_step == 10 and g.best_ood == pytest.approx(0.40)
+    assert g.triggered_at == 50
+
+
+def test_step_batches_are_disjoint_across_ranks_and_a_function_of_the_step(micro_world, tmp_path):
+    from craft_ray.data.dataset import ImageDataset, load_dataset
+
+    cfg = micro_cfg(micro_world, tmp_path)
+    ds = ImageDataset(load_dataset(cfg), "train", 32)
+    r0 = training.StepBatches(ds, 4, 0, 2, seed=3)
+    r1 = training.StepBatches(ds, 4, 1, 2, seed=3)
+    seen = [i for m in range(6) for r in (r0, r1) for i in _indices(r, m)]
+    assert len(seen) == 48 and len(set(seen)) == 48  # one epoch, every image exactly once
+    again = training.StepBatches(ds, 4, 1, 2, seed=3)
+    assert torch.equal(again.batch(5)["pixels"], r1.batch(5)["pixels"])
+
+
+def _indices(batches: training.StepBatches, m: int) -> list[int]:
+    n = len(batches.dataset)
+    first = (m * batches.world + batches.rank) * batches.batch_size
+    return [int(batches._perm_of(j // n)[j % n]) for j in range(first, first + batches.batch_size)]
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+
+
+def test_sft_then_craft_in_process_and_exact_resume(micro_world, tmp_path):
+    cfg = micro_cfg(micro_world, tmp_path, "train.sft_steps=4", "train.craft_steps=2", "train.checkpoint_every=2",
+                    "train.eval_every=2")
+    root = tmp_path / "run"
+    state = _stage(cfg, "sft", root)
+    assert state.step == 4 and state.images_seen == 16
+    sft_lora = load_file(str(root / "sft" / LORA_WEIGHT_NAME))
+    assert sft_lora and all(k.startswith("unet.") for k in sft_lora)
+    assert any(float(v.abs().sum()) > 0 for k, v in sft_lora.items() if "lora.up" in k)  # B moved away from 0
+    ckpts = sorted((root / "ckpt-sft").glob("checkpoint_*"))
+    assert [c.name for c in ckpts] == ["checkpoint_00000002", "checkpoint_00000004"]
+    assert json.loads((ckpts[-1] / "state.json").read_text())["step"] == 4
+
+    # Resume from step 2: the last two steps must reproduce the uninterrupted run exactly.
+    shutil.rmtree(ckpts[-1])
+    resumed = _stage(cfg, "sft", root)
+    assert resumed.step == 4 and resumed.images_seen == 16
+    again = load_file(str(root / "sft" / LORA_WEIGHT_NAME))
+    for key, value in sft_lora.items():
+        torch.testing.assert_close(again[key], value, rtol=0, atol=1e-6)
+
+    craft = _stage(cfg, "craft", root, init_lora=str(root / "sft"))
+    assert craft.step == 2
+    progress = training.read_progress(root, "craft")
+    assert progress["step"] == 2 and progress["total"] == 2
+
+
+def test_craft_without_an_sft_lora_is_refused(micro_world, tmp_path):
+    cfg = micro_cfg(micro_world, tmp_path, "train.craft_steps=1")
+    with pytest.raises(UserError, match="starts from an SFT LoRA"):
+        _stage(cfg, "craft", tmp_path / "run")
+
+
+def test_craft_reward_gradient_reaches_lora_only(micro_world, tmp_path):
+    from craft_ray import evaluate as ev
+    from craft_ray.data.dataset import ImageDataset, load_dataset
+    from craft_ray.models.diffusion import DiffusionModel
+    from craft_ray.rewards import make_reward
+
+    cfg = micro_cfg(micro_world, tmp_path)
+    model = DiffusionModel.from_config(cfg.model)
+    know = ev.load_knowledge_for(cfg)
+    setup = ev.ScoringSetup.build(cfg, "train", know)
+    ds = ImageDataset(load_dataset(cfg), "train", 32)
+    real = training.StepBatches(ds, 4, 0, 1, seed=0)
+    # B = 0 at init would zero the gradient of A; give the adapter a non-trivial start.
+    for p in model.trainable_parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    loss, parts = training._craft_loss(model, cfg, make_reward(dict(cfg.reward.weights), setup.scorer),
+                                       training.craft_prompt_pool(cfg, know), know.labels, real, 0,
+                                       torch.Generator().manual_seed(0), 0, 1)
+    loss.backward()
+    assert {"reward", "diffusion_loss", "reward_label", "reward_realism"} <= set(parts)
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in model.trainable_parameters())
+    frozen = [p for p in model.unet.parameters() if not p.requires_grad]
+    assert frozen and all(p.grad is None for p in frozen)
+    assert all(p.grad is None for p in setup.evaluator.model.parameters())
+
+
+# ----------------------------------------------------------------------------------------------- the driver
+
+
+def test_train_all_on_ray_logs_runs_and_prints_the_table(micro_world, tmp_path, ray_local, capsys):
+    import mlflow
+
+    from craft_ray import train
+
+    port = _free_port()
+    args = [f"tiny_world={micro_world}", *MICRO_OVERRIDES, f"data.cache_dir={tmp_path / 'cache'}",
+            f"output_dir={tmp_path / 'runs'}", f"ray.storage_path={tmp_path / 'ray'}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "train.sft_steps=3", "train.craft_steps=2",
+            "train.eval_every=2", "train.checkpoint_every=2", "name=t-all", f"judges.port={port}",
+            "judges.app_name=train_test_judges"]
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    assert "effective batch 4 = 4 per worker x 1 accumulation x 1 worker(s)" in out
+    assert "SFT vs CRAFT" in out and "oracle label accuracy" in out and "tail reduction" in out
+    assert "checklist judge (MLLM)" in out  # the embedded judges answered
+    run_dir = tmp_path / "runs" / "t-all"
+    assert (run_dir / "sft" / LORA_WEIGHT_NAME).is_file() and (run_dir / "craft" / LORA_WEIGHT_NAME).is_file()
+    summary = json.loads((run_dir / "results.json").read_text())["summary"]
+    assert set(summary) == {"sft", "craft"}
+    for s in summary.values():
+        assert 0 <= s["train_tail_rate"] <= 1 and 0 <= s["ood_cas"] <= 1 and 0 <= s["oracle_label"] <= 1
+
+    client = mlflow.tracking.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("craft_ray")
+    runs = client.search_runs([exp.experiment_id])
+    by_stage = {r.data.tags["stage"]: r for r in runs}
+    assert set(by_stage) == {"all", "sft", "craft"}
+    parent = by_stage["all"].info.run_id
+    for stage in ("sft", "craft"):
+        run = by_stage[stage]
+        assert run.data.tags["mlflow.parentRunId"] == parent and run.data.tags["modality"] == "cxr"
+        assert run.info.status == "FINISHED"
+        history = client.get_metric_history(run.info.run_id, "loss")
+        assert [m.step for m in history] == list(range(1, (3 if stage == "sft" else 2) + 1))
+        assert "eval/ood_tail_rate" in run.data.metrics and "grad_norm" in run.data.metrics
+        arts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"lora", "samples"} <= arts
+    parent_run = by_stage["all"]
+    assert "final/craft/train_tail_rate" in parent_run.data.metrics
+    assert {"config", "knowledge", "results", "samples"} <= {a.path for a in client.list_artifacts(parent)}
+    assert parent_run.data.params["train.sft_steps"] == "3"
+
+    # Rerunning with the same name resumes: nothing is trained again, the table is printed again.
+    assert train.main(args) == 0
+    assert "SFT vs CRAFT" in capsys.readouterr().out
+    assert len(client.search_runs([exp.experiment_id])) == 3  # the same runs, continued
+    history = client.get_metric_history(by_stage["sft"].info.run_id, "loss")
+    assert [m.step for m in history] == [1, 2, 3]  # no step trained twice
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_out_of_family_evaluator_of_the_same_family_is_refused(micro_world, tmp_path):
+    from craft_ray import train
+
+    args = [f"tiny_world={micro_world}", *MICRO_OVERRIDES, f"output_dir={tmp_path}",
+            f"model.ood_evaluator.model=local-dir:{micro_world}/evaluator_vit", "model.ood_evaluator.family=vit"]
+    with pytest.raises(UserError, match="out-of-family evaluator"):
+        train.main(args)
+
+
+def test_metrics_are_finite_numbers(micro_world, tmp_path):
+    cfg = micro_cfg(micro_world, tmp_path, "train.sft_steps=2", "train.eval_every=2", "cas.use_judge=false")
+    session = training.LocalSession(tmp_path / "ck")
+    config = {"cfg": OmegaConf.to_container(cfg, resolve=True), "stage": "sft", "output_dir": str(tmp_path / "o")}
+    training.run_stage(config, session)
+    m = session.last_metrics
+    for key in ("loss", "grad_norm", "lr", "images_per_s", "eval/train_cas", "eval/ood_cas", "eval/train_tail_rate",
+                "eval/oracle_label"):
+        assert np.isfinite(m[key]), key
+    assert m["eval/judge_missing"] == 1.0  # no judge was asked
