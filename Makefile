@@ -17,13 +17,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-# The embedded default: the resolved tiny config and the stages this version has, then a taste of
-# what has landed (phantom data, knowledge). Becomes the full `python -m craft_ray.train` once it lands.
+# The embedded default: SFT then CRAFT on phantom chest x-rays with the tiny models, local Ray,
+# judges on Ray Serve, MLflow in ./mlflow.db; ends with the SFT-vs-CRAFT table (about 5 minutes on 2 cores).
 demo: install
 	$(PY) -m craft_ray
-	$(PY) -m craft_ray.train --list-stages
-	$(PY) -m craft_ray.data phantom --modality cxr --n 64 --out runs/demo/phantom_cxr --overwrite
-	$(PY) -m craft_ray.knowledge show --modality cxr
+	$(PY) -m craft_ray.train name=demo-$$(date +%Y%m%d-%H%M%S)
 
 # pytest exit code 5 means "no tests collected": report it instead of failing the build.
 test: install

@@ -375,17 +375,24 @@ class Threshold:
         return Threshold(**meta)
 
 
+def _numpy(values: torch.Tensor | np.ndarray | Sequence[float]) -> np.ndarray:
+    """float64 numpy copy of a tensor or array."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu().numpy()
+    return np.array(values, dtype=np.float64)
+
+
 def compute_threshold(real_cas: torch.Tensor | np.ndarray, q: float, **provenance) -> Threshold:
     """tau_q = the q-quantile of real-image CAS values [N]."""
     if not 0.0 < q < 1.0:
         raise UserError(f"quantile q must lie in (0, 1), got {q}")
-    values = np.asarray(torch.as_tensor(real_cas).detach().cpu(), dtype=np.float64)
+    values = _numpy(real_cas)
     return Threshold(tau=float(np.quantile(values, q)), q=q, n=int(values.size), **provenance)
 
 
 def tail_rate(cas: torch.Tensor | np.ndarray, tau: float) -> float:
     """Share of images with CAS below tau."""
-    values = np.asarray(torch.as_tensor(cas).detach().cpu(), dtype=np.float64)
+    values = _numpy(cas)
     return float((values < tau).mean())
 
 

@@ -301,3 +301,19 @@ def evaluate_loras(cfg: Any, loras: Mapping[str, str | Path | None], *, n_per_la
         runs[name] = score_images(images, labels, setups, cfg, judge=judge, knowledge=knowledge)
         runs[name]["grid"] = image_grid(to_uint8(images[:: max(1, n_per_label // 8)]), 8)
     return runs, {w: s.threshold.tau for w, s in setups.items()}
+
+
+def main(argv: list[str]) -> int:
+    """``python -m craft_ray.evaluate``: not in this version (the library above is; see the README)."""
+    raise UserError(
+        "the evaluate command is not in this version yet; `python -m craft_ray.train` (stage=all) prints and logs "
+        "the SFT-vs-CRAFT evaluation table built from this module"
+    )
+
+
+if __name__ == "__main__":
+    import sys
+
+    from craft_ray.cli import run
+
+    run(main, sys.argv[1:])

@@ -109,7 +109,7 @@ class LocalSession(Session):
         self.root = Path(root)
         self.device = torch.device(device)
         self.keep = keep
-        self.last_metrics: dict[str, float] = {}
+        self.reports: list[dict[str, float]] = []  # every report of this process, in order
 
     def _checkpoints(self) -> list[Path]:
         return sorted(self.root.glob("checkpoint_*")) if self.root.is_dir() else []
@@ -118,8 +118,12 @@ class LocalSession(Session):
         found = self._checkpoints()
         return _nullcontext(str(found[-1])) if found else None
 
+    @property
+    def last_metrics(self) -> dict[str, float]:
+        return self.reports[-1] if self.reports else {}
+
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
-        self.last_metrics = dict(metrics)
+        self.reports.append(dict(metrics))
         if checkpoint_dir:
             dest = self.root / f"checkpoint_{int(metrics['step']):08d}"
             tmp = self.root / f".{dest.name}.tmp"
@@ -362,6 +366,7 @@ def run_stage(config: dict, session: Session) -> StageState:
     log_every = max(1, int(cfg.train.log_every))
     window_t, window_images, window_start = 0.0, 0, state.step
     metrics: dict[str, float] = {}
+    loop_start, eval_total = time.perf_counter(), 0.0
     while state.step < total:
         t0 = time.perf_counter()
         step = state.step
@@ -403,6 +408,7 @@ def run_stage(config: dict, session: Session) -> StageState:
             if rank == 0:
                 eval_metrics = periodic_evaluation(model, cfg, setups, knowledge, judge, tracker, state.step, stage)
                 info.update(eval_metrics)
+                eval_total += eval_metrics["eval/seconds"]
                 best, hacking = guard.update(state.step, eval_metrics["eval/train_cas"], eval_metrics["eval/ood_cas"])
                 if best:
                     best_lora = {k: v.clone() for k, v in model.lora_state_dict().items()}
@@ -419,6 +425,11 @@ def run_stage(config: dict, session: Session) -> StageState:
                 last = True
         if state.step % log_every == 0 or last or evaluate_now:
             info["images_per_s"] = window_images / max(window_t, 1e-9)
+            info["peak_rss_mb"] = _peak_rss_mb()
+            # Wall time of this process's training loop without evaluations (reports and logging included).
+            info["loop_s"] = time.perf_counter() - loop_start - eval_total
+            if device.type == "cuda":
+                info["peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2 ** 20
             metrics = {"step": state.step, **info}
             if rank == 0:
                 _print_progress(stage, state.step, total, info, window_start)
@@ -538,6 +549,13 @@ def _print_progress(stage: str, step: int, total: int, info: dict[str, float], s
             "eval/train_tail_rate", "eval/ood_tail_rate", "eval/judge", "eval/oracle_label")
     parts = [f"{k.removeprefix('eval/')} {info[k]:.4g}" for k in keys if k in info and _finite(info[k])]
     print(f"[{stage}] step {step}/{total} " + " ".join(parts), flush=True)
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (Linux ru_maxrss is in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _finite(v: Any) -> bool:

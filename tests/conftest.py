@@ -31,7 +31,9 @@ def ray_local() -> Iterator[object]:
         include_dashboard=False,
         object_store_memory=500_000_000,
         log_to_driver=False,
-        runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1"}},
+        runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE", "OMP_NUM_THREADS": "1",
+                                  # Ray Train reports wait for the controller's poll (default every 2 s).
+                                  "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}},
     )
     yield ray
     ray.shutdown()

@@ -214,3 +214,78 @@ def test_metrics_are_finite_numbers(micro_world, tmp_path):
                 "eval/oracle_label"):
         assert np.isfinite(m[key]), key
     assert m["eval/judge_missing"] == 1.0  # no judge was asked
+
+
+def test_reward_hacking_guard_rolls_back_to_the_best_out_of_family_checkpoint(tmp_path):
+    """An exploitable reward: the training evaluator is an untrained, random open_clip model, so its CAS
+    can be pushed up (large learning rate, no diffusion-loss anchor) by images that the trained
+    out-of-family evaluator of the shipped tiny world likes less and less; the guard must notice,
+    warn and roll back to the evaluation that was best under the out-of-family CAS."""
+    from safetensors.torch import load_file
+
+    from craft_ray.models.diffusion import DiffusionModel
+    from craft_ray.models.evaluators import make_tiny_evaluator
+
+    random_vit = make_tiny_evaluator(tmp_path / "random_vit", "vit", seed=3, image_size=64, bpe_merges=2000)
+    cfg = load_config(None, [
+        f"model.evaluator.model=local-dir:{random_vit}", f"data.cache_dir={tmp_path / 'cache'}",
+        "data.n_train=48", "data.n_val=8", "data.n_test=48", "sampling.num_steps=4", "train.batch_size=4",
+        "train.torch_threads=1", "train.eval_images_per_label=2", "train.log_every=1", "cas.use_judge=false",
+        "train.craft_steps=12", "train.craft_lr=0.05", "train.warmup_steps=0", "reward.beta=0",
+        "train.eval_every=1", "train.checkpoint_every=1", "train.hacking_patience=1",
+        "train.hacking_action=rollback", "train.max_grad_norm=100", "model.gradient_checkpointing=false"])
+    root = tmp_path / "run"
+    base_lora = DiffusionModel.from_config(cfg.model).save_lora(tmp_path / "zero_lora")  # B = 0: the base model
+    session = training.LocalSession(root / "ckpt-craft", keep=20)
+    config = {"cfg": OmegaConf.to_container(cfg, resolve=True), "stage": "craft", "output_dir": str(root),
+              "init_lora": str(base_lora)}
+    with pytest.warns(UserWarning, match="reward hacking suspected"):
+        state = training.run_stage(config, session)
+    assert state.stopped_early and "rollback" in state.stopped_early
+    assert state.step < 12
+    steps, train_cas, ood_cas = zip(*state.guard["history"], strict=True)
+    assert train_cas[-1] > train_cas[-2] and ood_cas[-1] < ood_cas[-2]  # what triggered it
+    best = state.guard["best_step"]
+    assert ood_cas[steps.index(best)] == max(ood_cas)
+    final = load_file(str(root / "craft" / LORA_WEIGHT_NAME))
+    best_lora = load_file(str(session.latest / training.BEST_LORA_FILE))
+    assert final.keys() == best_lora.keys()
+    for key in final:
+        torch.testing.assert_close(final[key], best_lora[key])
+
+
+def test_judges_going_away_mid_run_degrade_evaluation_only(micro_world, tmp_path, ray_local):
+    import threading
+    import time
+
+    from ray import serve
+
+    from craft_ray import train
+
+    app = "judges_go_away"
+    cfg = micro_cfg(micro_world, tmp_path, "train.sft_steps=5", "train.eval_every=1", f"judges.app_name={app}",
+                    f"judges.port={_free_port()}", "judges.client_retries=1", "judges.request_timeout_s=5")
+    assert train.ensure_judges(cfg)
+    root = tmp_path / "run"
+
+    def remove_after_step_2() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            progress = training.read_progress(root, "sft")
+            if progress and progress["step"] >= 2:
+                serve.delete(app)
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=remove_after_step_2, daemon=True)
+    killer.start()
+    session = training.LocalSession(root / "ckpt", keep=2)
+    config = {"cfg": OmegaConf.to_container(cfg, resolve=True), "stage": "sft", "output_dir": str(root),
+              "use_judges": True}
+    state = training.run_stage(config, session)
+    killer.join(timeout=5)
+    assert state.step == 5  # training finished
+    missing = [r["eval/judge_missing"] for r in session.reports]
+    assert missing[0] == 0.0 and np.isfinite(session.reports[0]["eval/judge"])  # the judge answered at first
+    assert missing[-1] == 1.0 and "eval/judge" not in session.reports[-1] or not np.isfinite(
+        session.reports[-1].get("eval/judge", float("nan")))
