@@ -141,3 +141,30 @@ def end_runs(tracking_uri: str, run_ids: Mapping[str, str], status: str = "FINIS
     for run_id in run_ids.values():
         c.set_terminated(run_id, status)
 
+
+
+def sweep_parent_run(cfg: Any, sweep_name: str, modality: str) -> str:
+    """The parent run of one sweep and modality (tags ``craft_ray.sweep``, ``modality``, ``stage=sweep``)."""
+    c = client(cfg.tracking.tracking_uri)
+    exp_id = experiment_id(cfg)
+    query = f"tags.`craft_ray.sweep` = '{sweep_name}' and tags.modality = '{modality}' and tags.stage = 'sweep'"
+    found = c.search_runs([exp_id], query, max_results=1)
+    if found:
+        return found[0].info.run_id
+    tags = {"craft_ray.sweep": sweep_name, "modality": modality, "stage": "sweep", NAME_TAG: f"{sweep_name}-{modality}"}
+    return c.create_run(exp_id, run_name=f"{sweep_name}-{modality}", tags=tags).info.run_id
+
+
+def trial_run(cfg: Any, parent: str, trial: str, params: Mapping[str, Any]) -> str:
+    """The child run of one Tune trial under ``parent`` (reused when the trial is resumed), params logged."""
+    c = client(cfg.tracking.tracking_uri)
+    exp_id = experiment_id(cfg)
+    query = f"tags.`mlflow.parentRunId` = '{parent}' and tags.`craft_ray.trial` = '{trial}'"
+    found = c.search_runs([exp_id], query, max_results=1)
+    if found:
+        return found[0].info.run_id
+    tags = {"mlflow.parentRunId": parent, "craft_ray.trial": trial, "stage": "craft", "modality": str(cfg.modality),
+            NAME_TAG: f"{cfg.name}-{trial}"}
+    run_id = c.create_run(exp_id, run_name=trial, tags=tags).info.run_id
+    _log_params(c, run_id, {k: str(v) for k, v in params.items()})
+    return run_id

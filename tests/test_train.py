@@ -123,7 +123,7 @@ def test_craft_reward_gradient_reaches_lora_only(micro_world, tmp_path):
     for p in model.trainable_parameters():
         torch.nn.init.normal_(p, std=0.05)
     loss, parts = training._craft_loss(model, cfg, make_reward(dict(cfg.reward.weights), setup.scorer),
-                                       training.craft_prompt_pool(cfg, know), know.labels, real, 0,
+                                       training.craft_prompt_pool(cfg, know), know.labels(), real, 0,
                                        torch.Generator().manual_seed(0), 0, 1)
     loss.backward()
     assert {"reward", "diffusion_loss", "reward_label", "reward_realism"} <= set(parts)
@@ -136,6 +136,7 @@ def test_craft_reward_gradient_reaches_lora_only(micro_world, tmp_path):
 # ----------------------------------------------------------------------------------------------- the driver
 
 
+@pytest.mark.slow
 def test_train_all_on_ray_logs_runs_and_prints_the_table(micro_world, tmp_path, ray_local, capsys):
     import mlflow
 
@@ -254,6 +255,7 @@ def test_reward_hacking_guard_rolls_back_to_the_best_out_of_family_checkpoint(tm
         torch.testing.assert_close(final[key], best_lora[key])
 
 
+@pytest.mark.slow
 def test_judges_going_away_mid_run_degrade_evaluation_only(micro_world, tmp_path, ray_local):
     import threading
     import time
