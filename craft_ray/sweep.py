@@ -221,21 +221,24 @@ def _tune_space(spec: SweepSpec) -> dict[str, Any]:
     return space
 
 
-def run_trial(config: dict) -> None:
-    """One Tune trial: the CRAFT stage from the modality's SFT LoRA with the sampled weights and params."""
+def run_trial(config: dict, base: dict, init_lora: str, parent_run: str) -> None:
+    """One Tune trial: the CRAFT stage from the modality's SFT LoRA with the sampled weights and params.
+
+    ``config`` holds only the sampled values (``w_<dimension>`` and config keys); the modality's base
+    config, SFT LoRA and MLflow parent run come through ``tune.with_parameters``.
+    """
     from ray import tune
 
     from craft_ray import training
     from craft_ray.tracking import StageTracker, trial_run
 
-    base = OmegaConf.create(config["base"])
     weights = {d: float(config[f"w_{d}"]) for d in DIMENSIONS}
-    params = {k: v for k, v in config.items() if k not in ("base", "init_lora", "parent_run") and not k.startswith("w_")}
+    params = {k: v for k, v in config.items() if not k.startswith("w_")}
     cfg = trial_config(base, weights, params)
     trial = tune.get_context().get_trial_name()
-    run_id = trial_run(cfg, config["parent_run"], trial,
+    run_id = trial_run(cfg, parent_run, trial,
                        {**{f"reward.weights.{d}": v for d, v in normalise_weights(weights).items()}, **params})
-    stage_config = {"cfg": OmegaConf.to_container(cfg, resolve=True), "stage": "craft", "init_lora": config["init_lora"],
+    stage_config = {"cfg": OmegaConf.to_container(cfg, resolve=True), "stage": "craft", "init_lora": init_lora,
                     "mlflow_run_id": run_id, "output_dir": str(Path(cfg.output_dir) / cfg.name / trial),
                     "use_judges": False}
     if int(cfg.train.num_workers) == 0:
@@ -323,7 +326,7 @@ def _search_alg(spec: SweepSpec):
         try:
             from ray.tune.search.optuna import OptunaSearch
         except ImportError as exc:
-            raise UserError("search.algorithm=optuna needs optuna: pip install optuna") from exc
+            raise UserError("search.algorithm=optuna needs optuna (a craft_ray dependency): pip install optuna") from exc
         return ConcurrencyLimiter(OptunaSearch(seed=spec.seed), max_concurrent=spec.max_concurrent)
     raise AssertionError(f"unhandled search algorithm {spec.algorithm!r}")
 
@@ -349,13 +352,15 @@ def sweep_modality(spec: SweepSpec, modality: str, out_dir: Path) -> dict[str, A
     parent = tracking.sweep_parent_run(base, spec.name, modality)
 
     evals = max(1, int(base.train.craft_steps) // int(base.train.eval_every))
-    trainable = tune.with_resources(run_trial, {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"]})
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=OmegaConf.to_container(base, resolve=True), init_lora=str(sft_lora),
+                             parent_run=parent),
+        {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"]})
     exp_name = f"{spec.name}-{modality}"
     storage = str(Path(base.ray.storage_path).absolute()) if "://" not in str(base.ray.storage_path) \
         else str(base.ray.storage_path)
     path = f"{storage.rstrip('/')}/{exp_name}"
-    param_space = {**_tune_space(spec), "base": OmegaConf.to_container(base, resolve=True),
-                   "init_lora": str(sft_lora), "parent_run": parent}
+    param_space = _tune_space(spec)
     if tune.Tuner.can_restore(path):
         print(f"[{modality}] resuming the sweep from {path}", flush=True)
         tuner = tune.Tuner.restore(path, trainable, param_space=param_space, resume_errored=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -153,6 +154,21 @@ def test_tiny_sweep_runs_trials_logs_mlflow_and_writes_a_trainable_best_config(m
 
 
 @pytest.mark.slow
+def test_optuna_trials_on_a_torchtrainer_inside_each_trial(micro_world, tmp_path, ray_local):
+    """The Train-inside-Tune pattern: with train.num_workers=1 each trial fits a TorchTrainer whose worker
+    reports reach Tune (and ASHA) through TuneReportCallback; Optuna proposes the trials."""
+    base = micro_spec(micro_world, tmp_path)["base"]["overrides"]
+    spec = sweep.parse_spec(micro_spec(micro_world, tmp_path, **{
+        "search.algorithm": "optuna", "search.max_concurrent": 1, "resources": {"cpu": 0.25, "gpu": 0},
+        "base.overrides": [*base, "train.num_workers=1"]}))
+    table = sweep.sweep(spec)
+    rows = (table.parent / "trials.csv").read_text().splitlines()[1:]
+    assert len(rows) == 2
+    assert all(int(r.split(",")[2]) == 2 for r in rows)  # both evaluations of each trial reached Tune
+    assert (table.parent / "best_cxr.yaml").is_file()
+
+
+@pytest.mark.slow
 def test_asha_stops_weak_trials_early(micro_world, tmp_path, ray_local):
     """Learning rates three orders of magnitude apart and the training CAS as objective: ASHA has clear
     losers at its first rung and must stop some of them before the last evaluation."""
@@ -190,14 +206,26 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(micro_world, tm
         except Exception:  # the store is being created by the sweep
             return []
 
+    def terminated_in_tune_state() -> set[str]:
+        """Trial ids that Tune's own experiment state (what a restore reads) records as TERMINATED."""
+        files = sorted((tmp_path / "ray" / "t-cxr").glob("experiment_state-*.json"))
+        if not files:
+            return set()
+        try:
+            data = json.loads(files[-1].read_text())
+        except ValueError:  # being written
+            return set()
+        trials = [json.loads(t[0]) for t in data["trial_data"]]
+        return {t["trial_id"] for t in trials if t.get("status") == "TERMINATED"}
+
     proc = subprocess.Popen([sys.executable, "-m", "craft_ray.sweep", str(path)], cwd=tmp_path, env=env,
                             start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 600
-        while time.time() < deadline and not finished_trials():
+        while time.time() < deadline and not terminated_in_tune_state():
             assert proc.poll() is None, "the sweep ended before it could be killed"
-            time.sleep(1)
-        done_before = finished_trials()
+            time.sleep(0.5)
+        done_before = terminated_in_tune_state()
         assert done_before, "no trial finished in time"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started
