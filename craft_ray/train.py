@@ -94,8 +94,9 @@ def ensure_judges(cfg: DictConfig) -> bool:
         serve.start(http_options={"host": j.host, "port": int(j.port)})
         serve.run(application(cfg), name=str(j.app_name), route_prefix=str(j.route_prefix))
     except Exception as exc:  # training goes on; evaluations record the judge as missing
-        print(f"judges: could not start the embedded app ({type(exc).__name__}: {' '.join(str(exc).split())[:300]});"
-              " the checklist-judge score is left out", flush=True)
+        reason = (str(exc).strip().splitlines() or [""])[-1][:300]  # Ray wraps the cause in a remote traceback
+        print(f"judges: could not start the embedded app {j.app_name!r} ({type(exc).__name__}: {reason}); the "
+              "checklist-judge score is left out", flush=True)
         return False
     print(f"judges: started the embedded app {j.app_name!r} at {base_url(j)} in {time.perf_counter() - t0:.0f} s "
           f"(model {j.engine.model})", flush=True)

@@ -147,7 +147,7 @@ def test_train_all_on_ray_logs_runs_and_prints_the_table(micro_world, tmp_path, 
             f"output_dir={tmp_path / 'runs'}", f"ray.storage_path={tmp_path / 'ray'}",
             f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "train.sft_steps=3", "train.craft_steps=2",
             "train.eval_every=2", "train.checkpoint_every=2", "name=t-all", f"judges.port={port}",
-            "judges.app_name=train_test_judges"]
+            "judges.app_name=train_test_judges", "judges.route_prefix=/train_test_judges"]
     assert train.main(args) == 0
     out = capsys.readouterr().out
     assert "effective batch 4 = 4 per worker x 1 accumulation x 1 worker(s)" in out
@@ -186,6 +186,9 @@ def test_train_all_on_ray_logs_runs_and_prints_the_table(micro_world, tmp_path, 
     assert len(client.search_runs([exp.experiment_id])) == 3  # the same runs, continued
     history = client.get_metric_history(by_stage["sft"].info.run_id, "loss")
     assert [m.step for m in history] == [1, 2, 3]  # no step trained twice
+    from ray import serve
+
+    serve.delete("train_test_judges")  # the embedded app stays up after a run; this test's should not
 
 
 def _free_port() -> int:
@@ -265,7 +268,9 @@ def test_judges_going_away_mid_run_degrade_evaluation_only(micro_world, tmp_path
     from craft_ray import train
 
     app = "judges_go_away"
+    # Its own route prefix: Serve refuses two applications on one prefix, and other tests' apps may run.
     cfg = micro_cfg(micro_world, tmp_path, "train.sft_steps=5", "train.eval_every=1", f"judges.app_name={app}",
+                    f"judges.route_prefix=/{app}",
                     f"judges.port={_free_port()}", "judges.client_retries=1", "judges.request_timeout_s=5")
     assert train.ensure_judges(cfg)
     root = tmp_path / "run"
