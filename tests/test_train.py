@@ -147,7 +147,8 @@ def test_train_all_on_ray_logs_runs_and_prints_the_table(micro_world, tmp_path, 
             f"output_dir={tmp_path / 'runs'}", f"ray.storage_path={tmp_path / 'ray'}",
             f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "train.sft_steps=3", "train.craft_steps=2",
             "train.eval_every=2", "train.checkpoint_every=2", "name=t-all", f"judges.port={port}",
-            "judges.app_name=train_test_judges", "judges.route_prefix=/train_test_judges"]
+            "judges.app_name=train_test_judges", "judges.route_prefix=/train_test_judges",
+            "knowledge.online_enrichment=true", "knowledge.n_enriched=2"]
     assert train.main(args) == 0
     out = capsys.readouterr().out
     assert "effective batch 4 = 4 per worker x 1 accumulation x 1 worker(s)" in out
@@ -178,6 +179,10 @@ def test_train_all_on_ray_logs_runs_and_prints_the_table(micro_world, tmp_path, 
     parent_run = by_stage["all"]
     assert "final/craft/train_tail_rate" in parent_run.data.metrics
     assert {"config", "knowledge", "results", "samples"} <= {a.path for a in client.list_artifacts(parent)}
+    local = client.download_artifacts(parent, "knowledge/online_enrichment.json", str(tmp_path))
+    enriched = json.loads(Path(local).read_text())
+    assert set(enriched) == {"no_finding", "cardiomegaly", "pleural_effusion", "nodule"}
+    assert all(len(p) == 2 and all(isinstance(x, str) and x for x in p) for p in enriched.values())
     assert parent_run.data.params["train.sft_steps"] == "3"
 
     # Rerunning with the same name resumes: nothing is trained again, the table is printed again.
