@@ -40,12 +40,13 @@ def experiment_id(cfg: Any) -> str:
     return c.create_experiment(cfg.tracking.experiment, artifact_location=cfg.tracking.artifact_location)
 
 
-def _find(c, exp_id: str, name: str, stage: str, parent: str | None) -> str | None:
-    query = f"tags.`{NAME_TAG}` = '{name}' and tags.stage = '{stage}'"
-    if parent:
-        query += f" and tags.`mlflow.parentRunId` = '{parent}'"
+def _find_or_create(c, exp_id: str, run_name: str, tags: Mapping[str, str]) -> tuple[str, bool]:
+    """(run id, created): the newest run carrying every one of ``tags``, else a new run with them."""
+    query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
     runs = c.search_runs([exp_id], query, order_by=["attributes.start_time DESC"], max_results=1)
-    return runs[0].info.run_id if runs else None
+    if runs:
+        return runs[0].info.run_id, False
+    return c.create_run(exp_id, run_name=run_name, tags=dict(tags)).info.run_id, True
 
 
 def stage_runs(cfg: Any, stages: tuple[str, ...]) -> dict[str, str]:
@@ -63,15 +64,11 @@ def stage_runs(cfg: Any, stages: tuple[str, ...]) -> dict[str, str]:
     ids: dict[str, str] = {}
     parent = None
     if len(stages) > 1:
-        parent = _find(c, exp_id, name, cfg.stage, None) or c.create_run(
-            exp_id, run_name=name, tags={**tags, "stage": str(cfg.stage)}).info.run_id
+        parent, _ = _find_or_create(c, exp_id, name, {**tags, "stage": str(cfg.stage)})
         ids["parent"] = parent
     for stage in stages:
-        run_id = _find(c, exp_id, name, stage, parent)
-        if run_id is None:
-            extra = {"mlflow.parentRunId": parent} if parent else {}
-            run_id = c.create_run(exp_id, run_name=f"{name}-{stage}", tags={**tags, "stage": stage, **extra}).info.run_id
-        ids[stage] = run_id
+        extra = {"mlflow.parentRunId": parent} if parent else {}
+        ids[stage], _ = _find_or_create(c, exp_id, f"{name}-{stage}", {**tags, "stage": stage, **extra})
     params = {k: str(v)[:500] for k, v in flatten(cfg).items()}
     for run_id in ids.values():
         existing = c.get_run(run_id).data.params
@@ -129,12 +126,6 @@ class StageTracker:
                 self.set_tag("stopped_early", state.stopped_early)
 
 
-def log_files(tracker: StageTracker, files: Mapping[str, str | Path]) -> None:
-    """Copy local files into the run's artifacts: {artifact_dir: local_path}."""
-    for artifact_dir, path in files.items():
-        tracker.log_artifact(path, artifact_dir)
-
-
 def end_runs(tracking_uri: str, run_ids: Mapping[str, str], status: str = "FINISHED") -> None:
     """Mark runs terminated (FINISHED or FAILED)."""
     c = client(tracking_uri)
@@ -142,29 +133,18 @@ def end_runs(tracking_uri: str, run_ids: Mapping[str, str], status: str = "FINIS
         c.set_terminated(run_id, status)
 
 
-
 def sweep_parent_run(cfg: Any, sweep_name: str, modality: str) -> str:
     """The parent run of one sweep and modality (tags ``craft_ray.sweep``, ``modality``, ``stage=sweep``)."""
-    c = client(cfg.tracking.tracking_uri)
-    exp_id = experiment_id(cfg)
-    query = f"tags.`craft_ray.sweep` = '{sweep_name}' and tags.modality = '{modality}' and tags.stage = 'sweep'"
-    found = c.search_runs([exp_id], query, max_results=1)
-    if found:
-        return found[0].info.run_id
     tags = {"craft_ray.sweep": sweep_name, "modality": modality, "stage": "sweep", NAME_TAG: f"{sweep_name}-{modality}"}
-    return c.create_run(exp_id, run_name=f"{sweep_name}-{modality}", tags=tags).info.run_id
+    return _find_or_create(client(cfg.tracking.tracking_uri), experiment_id(cfg), f"{sweep_name}-{modality}", tags)[0]
 
 
 def trial_run(cfg: Any, parent: str, trial: str, params: Mapping[str, Any]) -> str:
     """The child run of one Tune trial under ``parent`` (reused when the trial is resumed), params logged."""
     c = client(cfg.tracking.tracking_uri)
-    exp_id = experiment_id(cfg)
-    query = f"tags.`mlflow.parentRunId` = '{parent}' and tags.`craft_ray.trial` = '{trial}'"
-    found = c.search_runs([exp_id], query, max_results=1)
-    if found:
-        return found[0].info.run_id
     tags = {"mlflow.parentRunId": parent, "craft_ray.trial": trial, "stage": "craft", "modality": str(cfg.modality),
             NAME_TAG: f"{cfg.name}-{trial}"}
-    run_id = c.create_run(exp_id, run_name=trial, tags=tags).info.run_id
-    _log_params(c, run_id, {k: str(v) for k, v in params.items()})
+    run_id, created = _find_or_create(c, experiment_id(cfg), trial, tags)
+    if created:
+        _log_params(c, run_id, {k: str(v) for k, v in params.items()})
     return run_id

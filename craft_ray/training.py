@@ -18,6 +18,7 @@ the reward-hacking guard's state) and a ``progress.json`` with the step and its 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -116,7 +117,7 @@ class LocalSession(Session):
 
     def latest_checkpoint_dir(self):
         found = self._checkpoints()
-        return _nullcontext(str(found[-1])) if found else None
+        return contextlib.nullcontext(str(found[-1])) if found else None
 
     @property
     def last_metrics(self) -> dict[str, float]:
@@ -138,17 +139,6 @@ class LocalSession(Session):
     def latest(self) -> Path | None:
         found = self._checkpoints()
         return found[-1] if found else None
-
-
-class _nullcontext:
-    def __init__(self, value: str) -> None:
-        self.value = value
-
-    def __enter__(self) -> str:
-        return self.value
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 # ----------------------------------------------------------------------------------------------- data
@@ -374,7 +364,7 @@ def run_stage(config: dict, session: Session) -> StageState:
         for micro in range(accum):
             g = _generator(int(cfg.seed), stage, step, rank, micro)
             sync = micro == accum - 1 or world == 1
-            ctx = model.unet.no_sync() if not sync and hasattr(model.unet, "no_sync") else _nullcontext("")
+            ctx = model.unet.no_sync() if not sync and hasattr(model.unet, "no_sync") else contextlib.nullcontext()
             with ctx:
                 if stage == "sft":
                     loss, parts = _sft_loss(model, real.batch(step * accum + micro), g)
@@ -598,11 +588,6 @@ def _load_checkpoint(folder: Path, model: DiffusionModel, opt, sched, scaler
     state = StageState(**json.loads((folder / STATE_FILE).read_text()))
     best = load_file(str(folder / BEST_LORA_FILE)) if (folder / BEST_LORA_FILE).is_file() else None
     return state, best
-
-
-def checkpoint_state(folder: str | Path) -> StageState:
-    """The :class:`StageState` stored in a checkpoint folder."""
-    return StageState(**json.loads((Path(folder) / STATE_FILE).read_text()))
 
 
 def read_progress(output_dir: str | Path, stage: str) -> dict | None:

@@ -299,5 +299,5 @@ def test_judges_going_away_mid_run_degrade_evaluation_only(micro_world, tmp_path
     assert state.step == 5  # training finished
     missing = [r["eval/judge_missing"] for r in session.reports]
     assert missing[0] == 0.0 and np.isfinite(session.reports[0]["eval/judge"])  # the judge answered at first
-    assert missing[-1] == 1.0 and "eval/judge" not in session.reports[-1] or not np.isfinite(
-        session.reports[-1].get("eval/judge", float("nan")))
+    assert missing[-1] == 1.0  # the judges were gone at the last evaluation
+    assert not np.isfinite(session.reports[-1].get("eval/judge", float("nan")))
