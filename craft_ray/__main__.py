@@ -8,7 +8,7 @@ import sys
 from craft_ray.cli import COMMANDS
 
 # Modules that exist as libraries before their command line does.
-LIBRARY_ONLY = {"evaluate"}
+LIBRARY_ONLY: set[str] = set()
 
 
 def available(command: str) -> bool:

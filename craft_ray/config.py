@@ -186,6 +186,23 @@ class TrainConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    images_per_label: int = 64  # generated images per label (python -m craft_ray.evaluate)
+    seed_offset: int = 1_000_000  # first seed of the fixed seed set (= the final SFT-vs-CRAFT evaluation's)
+    num_workers: int = 1  # Ray actors that generate and score; each loads the generator and evaluators once
+    cpus_per_worker: float = 1.0  # CPUs reserved per evaluation actor (fractional on small machines)
+    use_gpu: bool = False  # one GPU per evaluation actor
+    batch_size: int = 16  # images per generation / scoring call (one progress-bar tick)
+    embedding: str = "ood"  # evaluator whose image embeddings memorization, FD and precision/recall use: train | ood
+    memorization_threshold: float = 0.95  # cosine to the nearest real training image at or above which an image is a copy
+    top_pairs: int = 8  # memorization: most similar (generated, real) pairs shown in the report
+    pr_k: int = 5  # k of the k-NN manifolds behind precision / recall / density / coverage
+    classifier_epochs: int = 15  # downstream classifier: training epochs
+    classifier_lr: float = 2.0e-3  # downstream classifier: AdamW learning rate
+    classifier_batch_size: int = 32  # downstream classifier: images per step
+
+
+@dataclass
 class SweepConfig:
     spec: str | None = None  # sweep spec YAML (see sweeps/cas_weights.yaml)
 
@@ -222,6 +239,7 @@ class ExperimentConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     ray: RayConfig = field(default_factory=RayConfig)
@@ -239,6 +257,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.mixed_precision": ("no", "fp16", "bf16"),
     "judges.engine.kind": ("transformers", "openai", "vllm"),
     "train.hacking_action": ("warn", "stop", "rollback"),
+    "evaluation.embedding": ("train", "ood"),
 }
 
 

@@ -157,23 +157,35 @@ def generate(model, prompts: Sequence[str], seeds: Sequence[int], sampling: Any,
     return torch.cat(out)
 
 
+def from_uint8(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 images [B,H,W,3] -> float [B,3,H,W] in [-1,1] (inverse of :func:`to_uint8`)."""
+    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
 @torch.no_grad()
 def score_images(images: torch.Tensor, labels: Sequence[str], setups: Mapping[str, ScoringSetup], cfg: Any, *,
-                 judge=None, knowledge: Knowledge | None = None) -> dict[str, Any]:
+                 judge=None, knowledge: Knowledge | None = None, embedding: str | None = None) -> dict[str, Any]:
     """Per-image scores of generated images [N,3,H,W] with label names ``labels``.
 
     Keys: ``{train,ood}_cas`` and ``{train,ood}_<dimension>`` (numpy [N]); ``judge`` [N] (NaN when no
-    judge or the judges failed; ``judge_error`` then says why); ``oracle_label`` (phantom only).
+    judge or the judges failed; ``judge_error`` then says why) and ``judge_items`` (label -> item ids
+    and P(yes) [n_label, K]); ``oracle_label`` (phantom only); ``embedding`` [N,D] (float32, L2-normalised)
+    of the evaluator named by ``embedding``, when given.
     """
     weights = cas.check_weights(dict(cfg.cas.weights))
     scores: dict[str, Any] = {"labels": list(labels)}
     for name, setup in setups.items():
-        parts = [setup.scorer.score(images[i:i + 64], labels[i:i + 64], weights) for i in range(0, len(labels), 64)]
-        scores[f"{name}_cas"] = torch.cat([c for c, _ in parts]).cpu().numpy()
-        for dim in parts[0][1]:
-            scores[f"{name}_{dim}"] = torch.cat([d[dim] for _, d in parts]).cpu().numpy()
+        embs = [setup.evaluator.encode_images(images[i:i + 64]) for i in range(0, len(labels), 64)]
+        parts = [setup.scorer.dimensions_from_embeddings(e, labels[i * 64:(i + 1) * 64]) for i, e in enumerate(embs)]
+        scores[f"{name}_cas"] = torch.cat([cas.combine(d, weights) for d in parts]).cpu().numpy()
+        for dim in parts[0]:
+            scores[f"{name}_{dim}"] = torch.cat([d[dim] for d in parts]).cpu().numpy()
+        if name == embedding:
+            emb = torch.nn.functional.normalize(torch.cat(embs).float(), dim=-1)
+            scores["embedding"] = emb.cpu().numpy().astype(np.float32)
     pixels = to_uint8(images)
     scores["judge"] = np.full(len(labels), np.nan)
+    scores["judge_items"] = {}
     if judge is not None and knowledge is not None:
         from PIL import Image
 
@@ -181,10 +193,12 @@ def score_images(images: torch.Tensor, labels: Sequence[str], setups: Mapping[st
             for lab in sorted(set(labels)):
                 idx = [i for i, y in enumerate(labels) if y == lab]
                 pil = [Image.fromarray(pixels[i]) for i in idx]
-                score, _, _ = cas.judge_checklist(judge, pil, lab, knowledge, gating=bool(cfg.cas.judge_gating))
+                score, p, ids = cas.judge_checklist(judge, pil, lab, knowledge, gating=bool(cfg.cas.judge_gating))
                 scores["judge"][idx] = score
+                scores["judge_items"][lab] = {"ids": list(ids), "p": np.asarray(p)}
         except Exception as exc:  # the judges are optional at evaluation time: record, do not fail training
             scores["judge"][:] = np.nan
+            scores["judge_items"] = {}
             scores["judge_error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
     if cfg.data.source == "phantom":
         from craft_ray.data.phantom import oracle
@@ -199,7 +213,7 @@ def summarise(scores: Mapping[str, Any], taus: Mapping[str, float]) -> dict[str,
     tau), judge and oracle means."""
     out: dict[str, float] = {}
     for key, value in scores.items():
-        if isinstance(value, np.ndarray) and value.dtype.kind == "f":
+        if isinstance(value, np.ndarray) and value.dtype.kind == "f" and value.ndim == 1:
             finite = value[np.isfinite(value)]
             out[key] = float(finite.mean()) if finite.size else float("nan")
     for name, tau in taus.items():
@@ -303,12 +317,515 @@ def evaluate_loras(cfg: Any, loras: Mapping[str, str | Path | None], *, n_per_la
     return runs, {w: s.threshold.tau for w, s in setups.items()}
 
 
+# ----------------------------------------------------------------------------------------- the command
+
+EPILOG = """examples:
+  python -m craft_ray.evaluate --base                           # the base model, embedded default (phantom cxr)
+  python -m craft_ray.evaluate --lora runs/craft-cxr/craft       # a LoRA folder or .safetensors file
+  python -m craft_ray.evaluate --run RUN_ID                      # an MLflow run of craft_ray.train: its config + LoRA
+  python -m craft_ray.evaluate --lora runs/craft-cxr/sft modality=cxr evaluation.num_workers=2
+  python -m craft_ray.evaluate compare runs/craft-cxr/eval-sft runs/craft-cxr/eval-craft   # folders or MLflow run ids
+
+Writes report.md, report.html (self-contained), scores.npz and summary.json to --out (default
+runs/<name>/eval-<subject>) and logs them to an MLflow run tagged stage=evaluate.
+"""
+
+SCORES_FILE = "scores.npz"  # per-image scores of the generated set (what `compare` reads)
+REAL_FILE = "real_scores.npz"  # per-image CAS of the held-out real images (report histograms)
+SUMMARY_FILE = "summary.json"
+ARTIFACT_DIR = "evaluation"  # where an evaluation's files go in its MLflow run
+
+
+@dataclass
+class Subject:
+    """What is evaluated: the base model, a LoRA file, or the LoRA of an MLflow training run."""
+
+    kind: str  # base | lora | run
+    name: str  # short name: output folder, report arm, MLflow run name
+    lora: Path | None  # diffusers-format LoRA safetensors file; None = the base model
+    run_id: str | None = None
+
+
+def lora_file(path: str | Path) -> Path:
+    """A LoRA safetensors file from a file or a folder holding one (as written by training)."""
+    from craft_ray.models.diffusion import LORA_WEIGHT_NAME
+
+    p = Path(path)
+    f = p / LORA_WEIGHT_NAME if p.is_dir() else p
+    if not f.is_file():
+        raise UserError(f"LoRA {str(path)!r} not found: pass a .safetensors file or a folder holding {LORA_WEIGHT_NAME}")
+    return f
+
+
+def _lora_name(path: str | Path) -> str:
+    """A short name for a LoRA path: its folder for training's pytorch_lora_weights.safetensors, else its stem."""
+    from craft_ray.models.diffusion import LORA_WEIGHT_NAME
+
+    p = Path(path).absolute()
+    return p.parent.name if p.name == LORA_WEIGHT_NAME else (p.stem if p.suffix == ".safetensors" else p.name)
+
+
+def _download(c, run_id: str, artifact_path: str, dst: Path) -> Path | None:
+    try:
+        return Path(c.download_artifacts(run_id, artifact_path, str(dst)))
+    except Exception:  # MLflow raises several types for a missing artifact
+        return None
+
+
+def subject_from_run(tracking_uri: str, run_id: str, dst: Path) -> tuple[Subject, Path | None, str | None]:
+    """The LoRA of an MLflow training run (a stage=all run means its CRAFT stage), the run's logged
+    config file (or None) and its modality tag; artifacts are downloaded under ``dst``."""
+    from craft_ray import tracking
+
+    c = tracking.client(tracking_uri)
+    try:
+        run = c.get_run(run_id)
+    except Exception as exc:
+        raise UserError(f"no MLflow run {run_id!r} in {tracking_uri} ({type(exc).__name__})") from exc
+    tags = run.data.tags
+    lora_run = run
+    if tags.get("stage") == "all":
+        children = c.search_runs([run.info.experiment_id],
+                                 f"tags.`mlflow.parentRunId` = '{run_id}' and tags.stage = 'craft'",
+                                 order_by=["attributes.start_time DESC"], max_results=1)
+        if not children:
+            raise UserError(f"MLflow run {run_id} (stage=all) has no CRAFT child run to evaluate")
+        lora_run = children[0]
+    lid = lora_run.info.run_id
+    folder = _download(c, lid, "lora", dst / "lora")
+    if folder is None:
+        raise UserError(f"MLflow run {lid} has no 'lora' artifact (stage={lora_run.data.tags.get('stage')!r}); "
+                        "evaluate the run of a finished sft or craft stage, or pass --lora PATH")
+    config = None
+    for rid in (lid, run_id, lora_run.data.tags.get("mlflow.parentRunId")):
+        if rid and config is None:
+            config = _download(c, rid, "config/config.yaml", dst / "config")
+    stage = lora_run.data.tags.get("stage", "run")
+    subject = Subject("run", f"{lora_run.data.tags.get('craft_ray.name', lid[:8])}-{stage}", lora_file(folder), lid)
+    return subject, config, tags.get("modality")
+
+
+def _chunks(n: int, size: int) -> list[slice]:
+    return [slice(i, min(n, i + size)) for i in range(0, n, size)]
+
+
+def _map(actors: Sequence[Any], method: str, calls: Sequence[tuple], desc: str) -> list[Any]:
+    """Run ``actor.method(*args)`` for every args tuple, one call in flight per actor, with a progress bar;
+    results in call order."""
+    import ray
+    from tqdm import tqdm
+
+    results: list[Any] = [None] * len(calls)
+    free, pending = list(actors), {}
+    todo = list(enumerate(calls))
+    with tqdm(total=len(calls), desc=desc, unit="batch", dynamic_ncols=True) as bar:
+        while todo or pending:
+            while todo and free:
+                i, args = todo.pop(0)
+                actor = free.pop()
+                pending[getattr(actor, method).remote(*args)] = (i, actor)
+            done, _ = ray.wait(list(pending), num_returns=1)
+            i, actor = pending.pop(done[0])
+            results[i] = ray.get(done[0])
+            free.append(actor)
+            bar.update(1)
+    return results
+
+
+class EvaluationWorker:
+    """A Ray actor holding the generator (base + LoRA) and both evaluators' scoring setups."""
+
+    def __init__(self, cfg_dict: dict, lora_state: dict[str, torch.Tensor] | None, lora_name: str,
+                 use_judges: bool) -> None:
+        from omegaconf import OmegaConf
+
+        from craft_ray.models.diffusion import DiffusionModel
+
+        cfg = self.cfg = OmegaConf.create(cfg_dict)
+        torch.set_num_threads(max(1, int(cfg.evaluation.cpus_per_worker)))
+        self.device = "cuda" if cfg.evaluation.use_gpu and torch.cuda.is_available() else "cpu"
+        self.knowledge = load_knowledge_for(cfg)
+        self.manifest = load_dataset(cfg)
+        self.setups = {w: ScoringSetup.build(cfg, w, self.knowledge, self.device, self.manifest) for w in EVALUATORS}
+        self.model = DiffusionModel.from_config(cfg.model, self.device, seed=int(cfg.seed))
+        if lora_state is not None:
+            self.model.load_lora_state_dict(lora_state, source=lora_name)
+        self.judge = None
+        if use_judges:
+            from craft_ray.training import _judge_client
+
+            self.judge = _judge_client(cfg)
+
+    def generate(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
+        """uint8 images [N,H,W,3] for (prompt, seed) pairs."""
+        images = generate(self.model, prompts, seeds, self.cfg.sampling, int(self.cfg.model.resolution),
+                          batch_size=len(prompts))
+        return to_uint8(images)
+
+    def score(self, pixels: np.ndarray, labels: list[str]) -> dict[str, Any]:
+        """Per-image scores (see :func:`score_images`) of uint8 images [N,H,W,3], with embeddings."""
+        return score_images(from_uint8(pixels), labels, self.setups, self.cfg, judge=self.judge,
+                            knowledge=self.knowledge, embedding=str(self.cfg.evaluation.embedding))
+
+    def real(self, split: str) -> dict[str, Any]:
+        """Scores, embeddings and uint8 pixels of the real images of ``split`` (no judge)."""
+        images, labels = real_images(self.manifest, self.cfg, split)
+        scores = score_images(images, labels, self.setups, self.cfg, embedding=str(self.cfg.evaluation.embedding))
+        scores["pixels"] = to_uint8(images)
+        return scores
+
+    def taus(self) -> dict[str, float]:
+        return {w: s.threshold.tau for w, s in self.setups.items()}
+
+
+def merge_scores(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Concatenate the per-image scores of consecutive batches (judge items per label, first error kept)."""
+    out: dict[str, Any] = {"labels": [y for p in parts for y in p["labels"]]}
+    for key, value in parts[0].items():
+        if isinstance(value, np.ndarray):
+            out[key] = np.concatenate([p[key] for p in parts])
+    items: dict[str, dict[str, Any]] = {}
+    for p in parts:
+        for lab, it in p.get("judge_items", {}).items():
+            if lab in items:
+                items[lab]["p"] = np.concatenate([items[lab]["p"], it["p"]])
+            else:
+                items[lab] = {"ids": list(it["ids"]), "p": np.asarray(it["p"])}
+    out["judge_items"] = items
+    errors = [p["judge_error"] for p in parts if "judge_error" in p]
+    if errors:
+        out["judge_error"] = errors[0]
+        out["judge"] = np.full(len(out["labels"]), np.nan)
+        out["judge_items"] = {}
+    return out
+
+
+def checklist_audit(judge_items: Mapping[str, Mapping[str, Any]], threshold: float = 0.5) -> dict[str, dict[str, float]]:
+    """Per label and checklist item, the share of images the judge answers yes (P(yes) >= threshold)."""
+    return {lab: dict(zip(it["ids"], (np.asarray(it["p"]) >= threshold).mean(axis=0).tolist(), strict=True))
+            for lab, it in judge_items.items()}
+
+
+def per_label_rows(scores: Mapping[str, Any], taus: Mapping[str, float]) -> list[dict[str, str]]:
+    """One row per label: image count, CAS mean and tail rate under each evaluator, judge, oracle."""
+    labels = np.asarray(scores["labels"])
+    rows = []
+    for lab in dict.fromkeys(scores["labels"]):
+        m = labels == lab
+        row = {"label": lab, "n": str(int(m.sum()))}
+        for ev in EVALUATORS:
+            if f"{ev}_cas" in scores:
+                row[f"{ev} CAS"] = f"{float(scores[f'{ev}_cas'][m].mean()):.3f}"
+                row[f"{ev} tail %"] = f"{100 * cas.tail_rate(scores[f'{ev}_cas'][m], taus[ev]):.1f}"
+        judge = scores["judge"][m]
+        row["judge"] = f"{np.nanmean(judge):.3f}" if np.isfinite(judge).any() else "n/a"
+        if "oracle_label" in scores:
+            row["oracle %"] = f"{100 * float(scores['oracle_label'][m].mean()):.1f}"
+        rows.append(row)
+    return rows
+
+
+def _image_set_metrics(emb: np.ndarray, real_train: np.ndarray, threshold: float, k: int) -> dict[str, float]:
+    from craft_ray import metrics
+
+    mem = metrics.memorization(emb, real_train, threshold)
+    out = {"fd": metrics.frechet_distance(emb, real_train),
+           **metrics.precision_recall_coverage(real_train, emb, k=k),
+           "mean_nn_cosine": float(mem["mean_nn_sim"]), "memorized_share": float(mem["share_above"])}
+    return {k_: float(v) for k_, v in out.items()}
+
+
+def _downstream_task(cfg_dict: dict, pixels: np.ndarray, labels: list[str]) -> dict[str, dict[str, float]]:
+    """Downstream classification (a Ray task): trained on synthetic, real, real + synthetic; tested on real."""
+    from omegaconf import OmegaConf
+
+    from craft_ray import metrics
+
+    cfg = OmegaConf.create(cfg_dict)
+    torch.set_num_threads(max(1, int(cfg.evaluation.cpus_per_worker)))
+    manifest = load_dataset(cfg)
+    xr, yr = real_images(manifest, cfg, "train")
+    xt, yt = real_images(manifest, cfg, "test" if manifest.split("test") else "val")
+    real = (to_uint8(xr), yr)
+    sets = {"synthetic": (pixels, labels), "real": real,
+            "real+synthetic": (np.concatenate([real[0], pixels]), list(yr) + list(labels))}
+    e = cfg.evaluation
+    return metrics.downstream_classification(
+        sets, (to_uint8(xt), yt), get_modality(cfg.modality).label_names(cfg.data.dataset),
+        epochs=int(e.classifier_epochs), batch_size=int(e.classifier_batch_size), lr=float(e.classifier_lr),
+        seed=int(cfg.seed), device="cuda" if e.use_gpu and torch.cuda.is_available() else "cpu")
+
+
+def _fmt(v: float, pct: bool = False) -> str:
+    if not np.isfinite(v):
+        return "n/a"
+    return f"{100 * v:.1f}" if pct else f"{v:.3f}"
+
+
+def evaluate(cfg: Any, subject: Subject, out_dir: Path) -> dict[str, Any]:
+    """Generate the fixed evaluation set with ``subject`` on the Ray cluster, score it, compute every
+    metric, write the report to ``out_dir`` and log it to MLflow; returns the summary."""
+    import json
+    import time
+
+    import ray
+    from omegaconf import OmegaConf
+    from safetensors.torch import load_file
+
+    from craft_ray import metrics, report, tracking
+    from craft_ray.train import ensure_judges, init_ray
+
+    t0 = time.perf_counter()
+    tracking.client(cfg.tracking.tracking_uri)  # a refused tracking URI fails before Ray starts
+    e = cfg.evaluation
+    if int(e.num_workers) < 1:
+        raise UserError(f"evaluation.num_workers={e.num_workers}: need at least 1 Ray actor")
+    init_ray(cfg)
+    use_judges = bool(cfg.cas.use_judge) and ensure_judges(cfg)
+    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+    lora_ref = ray.put(load_file(str(subject.lora))) if subject.lora is not None else None
+    opts: dict[str, Any] = {"num_cpus": float(e.cpus_per_worker)}
+    if e.use_gpu:
+        opts["num_gpus"] = 1
+    worker_cls = ray.remote(EvaluationWorker)
+    actors = [worker_cls.options(**opts).remote(cfg_dict, lora_ref, subject.name, use_judges)
+              for _ in range(int(e.num_workers))]
+    try:
+        taus = ray.get(actors[0].taus.remote())
+        labels, prompts, seeds = eval_plan(cfg, int(e.images_per_label), seed_offset=int(e.seed_offset))
+        chunks = _chunks(len(labels), int(e.batch_size))
+        t_gen = time.perf_counter()
+        pixels = np.concatenate(_map(actors, "generate", [(prompts[c], seeds[c]) for c in chunks],
+                                     f"generate {subject.name}"))
+        t_score = time.perf_counter()
+        scores = merge_scores(_map(actors, "score", [(pixels[c], labels[c]) for c in chunks], "score"))
+        t_real = time.perf_counter()
+        downstream_ref = ray.remote(_downstream_task).options(**opts).remote(cfg_dict, pixels, labels)
+        test_split = "test" if load_dataset(cfg).split("test") else "val"
+        real_train, real_test = ray.get([actors[0].real.remote("train"), actors[-1].real.remote(test_split)])
+        downstream = ray.get(downstream_ref)
+        t_end = time.perf_counter()
+    finally:
+        for a in actors:
+            ray.kill(a)
+
+    thr, k = float(e.memorization_threshold), int(e.pr_k)
+    image_set = {"generated": _image_set_metrics(scores["embedding"], real_train["embedding"], thr, k),
+                 "held-out real": _image_set_metrics(real_test["embedding"], real_train["embedding"], thr, k)}
+    mem = metrics.memorization(scores["embedding"], real_train["embedding"], thr)
+    top = np.argsort(-mem["nn_sim"])[: int(e.top_pairs)]
+    pairs = [(pixels[i], real_train["pixels"][mem["nn_index"][i]], float(mem["nn_sim"][i])) for i in top]
+    audit = checklist_audit(scores["judge_items"])
+    n = len(labels)
+    summary = {
+        "subject": {"kind": subject.kind, "name": subject.name, "lora": str(subject.lora) if subject.lora else None,
+                    "run_id": subject.run_id},
+        "modality": cfg.modality, "dataset": cfg.data.dataset, "images": n, "taus": taus,
+        "metrics": summarise(scores, taus),
+        "image_set": image_set, "memorization_threshold": thr, "embedding": str(e.embedding),
+        "downstream": downstream, "audit": audit, "judge_error": scores.get("judge_error"),
+        "timing_s": {"generate": t_score - t_gen, "score": t_real - t_score, "real_and_downstream": t_end - t_real,
+                     "total": time.perf_counter() - t0},
+        "images_per_s": {"generate": n / (t_score - t_gen), "score": n / (t_real - t_score)},
+        "num_workers": int(e.num_workers),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_scores(out_dir / SCORES_FILE, scores, nn_sim=mem["nn_sim"])
+    save_scores(out_dir / REAL_FILE, real_test)
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=float))
+    (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tables = _report_tables(cfg, subject.name, scores, taus, summary)
+    arms = [report.Arm("real (held-out)", list(real_test["labels"]), _cas_of(real_test)),
+            report.Arm(subject.name, list(labels), _cas_of(scores),
+                       grid=image_grid(pixels[:: max(1, int(e.images_per_label) // 8)], 8), audit=audit or None,
+                       memorization_pairs=pairs)]
+    notes = [f"{n} images ({int(e.images_per_label)} per label, seeds from {int(e.seed_offset)}) generated with "
+             f"{subject.kind} {subject.name} on {int(e.num_workers)} Ray worker(s); {cfg.modality} "
+             f"({cfg.data.dataset}); 95 % bootstrap CIs in brackets."]
+    if summary["judge_error"] or not use_judges:
+        notes.append(f"checklist judge missing: {summary['judge_error'] or 'judges not available (see log)'}")
+    paths = report.write_report(out_dir, title=f"Evaluation of {subject.name} ({cfg.modality})", arms=arms,
+                                taus=taus, tables=tables, notes=notes)
+    _log_evaluation(cfg, subject, out_dir, summary)
+    print(f"\n{(out_dir / 'report.md').read_text()}", flush=True)
+    print(f"report: {paths['html']}\n(evaluation {summary['timing_s']['total']:.0f} s)", flush=True)
+    return summary
+
+
+def _cas_of(scores: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    return {ev: np.asarray(scores[f"{ev}_cas"]) for ev in EVALUATORS if f"{ev}_cas" in scores}
+
+
+def _report_tables(cfg: Any, name: str, scores: Mapping[str, Any], taus: Mapping[str, float],
+                   summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+    tables = [("CAS and tail rates", markdown_table(compare_rows({name: scores}, taus, n_boot=int(cfg.cas.bootstrap),
+                                                                   seed=int(cfg.seed)))),
+              ("Per label", markdown_table(per_label_rows(scores, taus)))]
+    sets = summary["image_set"]
+    keys = [("fd", "Fréchet distance to real training images"), ("precision", "precision"), ("recall", "recall"),
+            ("density", "density"), ("coverage", "coverage"), ("mean_nn_cosine", "mean whitened cosine to the nearest real training image"),
+            ("memorized_share", f"share with that cosine >= {summary['memorization_threshold']:g} (%)")]
+    rows = [{"metric": title, **{s: f"{v[key]:.3g}" if key == "fd" else _fmt(v[key], pct=key == "memorized_share")
+                                 for s, v in sets.items()}} for key, title in keys]
+    tables.append((f"Fidelity, diversity and memorization ({summary['embedding']} evaluator embeddings; held-out "
+                   "real images as the reference level)", markdown_table(rows)))
+    ds = summary["downstream"]
+    tables.append(("Downstream classification (small CNN, tested on held-out real images)", markdown_table(
+        [{"trained on": s, "images": str(int(v["n_train"])), "accuracy %": _fmt(v["accuracy"], True),
+          "macro-F1": _fmt(v["macro_f1"]), "macro-AUROC": _fmt(v["macro_auroc"])} for s, v in ds.items()])))
+    if summary["audit"]:
+        rows = [{"label": lab, "item": item, "pass %": _fmt(rate, True)}
+                for lab, items in summary["audit"].items() for item, rate in items.items()]
+        tables.append(("Checklist audit (MLLM judge, share of images answered yes)", markdown_table(rows)))
+    return tables
+
+
+def save_scores(path: Path, scores: Mapping[str, Any], **extra: np.ndarray) -> None:
+    """Per-image scores as .npz: labels and every 1-D numeric array (embeddings and pixels are not kept)."""
+    arrays = {k: v for k, v in scores.items() if isinstance(v, np.ndarray) and v.ndim == 1}
+    np.savez_compressed(path, labels=np.asarray(scores["labels"]), **arrays, **extra)
+
+
+def load_scores(path: Path) -> dict[str, Any]:
+    """Per-image scores written by :func:`save_scores`."""
+    with np.load(path) as z:
+        out: dict[str, Any] = {k: z[k] for k in z.files}
+    out["labels"] = [str(y) for y in out["labels"]]
+    return out
+
+
+def _log_evaluation(cfg: Any, subject: Subject, out_dir: Path, summary: Mapping[str, Any]) -> str:
+    from craft_ray import tracking
+
+    c = tracking.client(cfg.tracking.tracking_uri)
+    tags = {"stage": "evaluate", "modality": str(cfg.modality), tracking.NAME_TAG: str(cfg.name),
+            "craft_ray.subject": subject.name}
+    if subject.run_id:
+        tags["craft_ray.evaluated_run"] = subject.run_id
+    run_id = c.create_run(tracking.experiment_id(cfg), run_name=f"eval-{subject.name}", tags=tags).info.run_id
+    t = tracking.StageTracker(cfg.tracking.tracking_uri, run_id)
+    flat = {f"eval/{k}": v for k, v in summary["metrics"].items()}
+    flat.update({f"eval/{s}/{k}": v for s, m in summary["image_set"].items() for k, v in m.items()})
+    flat.update({f"eval/downstream/{s}/{k}": v for s, m in summary["downstream"].items() for k, v in m.items()})
+    t.log_metrics({k.replace(" ", "_").replace("+", "_plus_"): v for k, v in flat.items() if np.isfinite(v)}, 0)
+    for f in sorted(out_dir.rglob("*")):
+        if f.is_file():
+            t.log_artifact(f, str(Path(ARTIFACT_DIR) / f.parent.relative_to(out_dir)).rstrip("/."))
+    c.set_terminated(run_id, "FINISHED")
+    print(f"MLflow: run {run_id} (experiment {cfg.tracking.experiment!r})", flush=True)
+    return run_id
+
+
+# ------------------------------------------------------------------------------------------ compare
+
+
+def load_evaluation(ref: str, tracking_uri: str, dst: Path) -> tuple[str, dict[str, Any], dict[str, Any], dict]:
+    """(name, per-image scores, held-out real scores, summary) of an evaluation folder or MLflow run id."""
+    import json
+
+    folder = Path(ref)
+    if not (folder / SCORES_FILE).is_file():
+        from craft_ray import tracking
+
+        c = tracking.client(tracking_uri)
+        got = _download(c, ref, ARTIFACT_DIR, dst / ref)
+        if got is None or not (got / SCORES_FILE).is_file():
+            raise UserError(f"{ref!r} is neither an evaluation folder (with {SCORES_FILE}) nor an MLflow run id "
+                            f"of an evaluation in {tracking_uri}")
+        folder = got
+    summary = json.loads((folder / SUMMARY_FILE).read_text())
+    return summary["subject"]["name"], load_scores(folder / SCORES_FILE), load_scores(folder / REAL_FILE), summary
+
+
+def compare(refs: Sequence[str], cfg: Any, out_dir: Path) -> list[dict[str, str]]:
+    """The side-by-side table of evaluations (first = baseline) with 95 % bootstrap CIs, and a report."""
+    import tempfile
+
+    from craft_ray import report
+
+    if len(refs) < 2:
+        raise UserError("compare needs at least two evaluations (folders or MLflow run ids)")
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded = [load_evaluation(r, cfg.tracking.tracking_uri, Path(tmp)) for r in refs]
+    names: list[str] = []
+    for name, *_ in loaded:
+        unique = name if name not in names else f"{name} ({len(names) + 1})"
+        names.append(unique)
+    first = loaded[0][3]
+    for (_, _, _, s), ref in zip(loaded, refs, strict=True):
+        if (s["modality"], s["dataset"]) != (first["modality"], first["dataset"]):
+            raise UserError(f"{ref} evaluates {s['modality']}/{s['dataset']}, {refs[0]} {first['modality']}/"
+                            f"{first['dataset']}: compare evaluations of one modality")
+        diff = {ev: (s["taus"][ev], first["taus"][ev]) for ev in first["taus"]
+                if abs(s["taus"].get(ev, np.nan) - first["taus"][ev]) > 1e-9}
+        if diff:
+            raise UserError(f"{ref} was scored against other tail thresholds than {refs[0]} ({diff}): the evaluators, "
+                            "knowledge or CAS weights differ; compare evaluations made with the same ones")
+        if s["images"] != first["images"]:
+            print(f"warning: {ref} has {s['images']} images, {refs[0]} {first['images']}", flush=True)
+    runs = {n: sc for n, (_, sc, _, _) in zip(names, loaded, strict=True)}
+    taus = first["taus"]
+    rows = compare_rows(runs, taus, n_boot=int(cfg.cas.bootstrap), seed=int(cfg.seed))
+    table = markdown_table(rows)
+    arms = [report.Arm("real (held-out)", loaded[0][2]["labels"], _cas_of(loaded[0][2]))]
+    arms += [report.Arm(n, sc["labels"], _cas_of(sc)) for n, sc in runs.items()]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = report.write_report(out_dir, title=f"Comparison: {' vs '.join(names)} ({first['modality']})", arms=arms,
+                                taus=taus, tables=[("CAS and tail rates (first column = baseline)", table)],
+                                notes=[f"95 % bootstrap CIs ({int(cfg.cas.bootstrap)} resamples) in brackets; tail "
+                                       f"reductions are against {names[0]}."])
+    print(table, flush=True)
+    print(f"report: {paths['html']}", flush=True)
+    return rows
+
+
 def main(argv: list[str]) -> int:
-    """``python -m craft_ray.evaluate``: not in this version (the library above is; see the README)."""
-    raise UserError(
-        "the evaluate command is not in this version yet; `python -m craft_ray.train` (stage=all) prints and logs "
-        "the SFT-vs-CRAFT evaluation table built from this module"
-    )
+    """``python -m craft_ray.evaluate``: evaluate one generator, or ``compare`` stored evaluations."""
+    import time
+
+    from craft_ray.cli import Parser, add_common_flags, config_parser, resolve, split_config_args
+    from craft_ray.config import load_config, to_yaml
+
+    if argv and argv[0] == "compare":
+        parser = Parser(prog="python -m craft_ray.evaluate compare", epilog=EPILOG,
+                        description="side-by-side table and report of stored evaluations (the first is the baseline)")
+        parser.add_argument("refs", nargs="+", metavar="EVAL", help="evaluation folder or MLflow run id")
+        parser.add_argument("--out", help="report folder (default runs/compare-<time>)")
+        parser.add_argument("--tracking-uri", help="MLflow tracking URI for run ids (default: the config's)")
+        add_common_flags(parser)
+        ns = parser.parse_args(argv[1:])
+        cfg = load_config(None, [f"tracking.tracking_uri={ns.tracking_uri}"] if ns.tracking_uri else [])
+        out = Path(ns.out or Path(cfg.output_dir) / f"compare-{time.strftime('%Y%m%d-%H%M%S')}")
+        compare(ns.refs, cfg, out)
+        return 0
+
+    parser = config_parser("evaluate", __doc__.splitlines()[0], EPILOG)
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--run", metavar="RUN_ID", help="MLflow run of craft_ray.train (stage=all: its CRAFT stage)")
+    what.add_argument("--lora", metavar="PATH", help="LoRA .safetensors file or folder")
+    what.add_argument("--base", action="store_true", help="the base model without LoRA")
+    parser.add_argument("--out", help="output folder (default runs/<name>/eval-<subject>)")
+    ns = parser.parse_args(argv)
+    if ns.run:
+        import tempfile
+
+        config_file, overrides = split_config_args(ns.args)
+        cfg = load_config(config_file, overrides)  # names the tracking URI to find the run in
+        subject, run_config, modality = subject_from_run(cfg.tracking.tracking_uri, ns.run,
+                                                         Path(tempfile.mkdtemp(prefix="craft-eval-")))
+        if config_file is None and run_config is not None:  # the run's own config, with the overrides on top
+            cfg = load_config(run_config, overrides)
+        if modality and cfg.modality != modality:
+            raise UserError(f"run {ns.run} is a {modality} run but the config says modality={cfg.modality}")
+        if ns.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
+    else:
+        cfg = resolve(ns)
+        subject = Subject("base", "base", None) if ns.base else Subject("lora", _lora_name(ns.lora), lora_file(ns.lora))
+    out = Path(ns.out) if ns.out else Path(cfg.output_dir) / str(cfg.name) / f"eval-{subject.name}"
+    evaluate(cfg, subject, out)
+    return 0
 
 
 if __name__ == "__main__":
