@@ -193,6 +193,7 @@ class EvaluationConfig:
     cpus_per_worker: float = 1.0  # CPUs reserved per evaluation actor (fractional on small machines)
     use_gpu: bool = False  # one GPU per evaluation actor
     batch_size: int = 16  # images per generation / scoring call (one progress-bar tick)
+    start_timeout_s: float = 600.0  # seconds to wait for the actors to be placed and load their models
     embedding: str = "ood"  # evaluator whose image embeddings memorization, FD and precision/recall use: train | ood
     memorization_threshold: float = 0.95  # cosine to the nearest real training image at or above which an image is a copy
     top_pairs: int = 8  # memorization: most similar (generated, real) pairs shown in the report

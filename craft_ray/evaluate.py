@@ -159,7 +159,7 @@ def generate(model, prompts: Sequence[str], seeds: Sequence[int], sampling: Any,
 
 def from_uint8(pixels: np.ndarray) -> torch.Tensor:
     """uint8 images [B,H,W,3] -> float [B,3,H,W] in [-1,1] (inverse of :func:`to_uint8`)."""
-    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return torch.from_numpy(np.array(pixels, dtype=np.uint8)).permute(0, 3, 1, 2).float() / 127.5 - 1  # a writable copy
 
 
 @torch.no_grad()
@@ -474,8 +474,28 @@ class EvaluationWorker:
         scores["pixels"] = to_uint8(images)
         return scores
 
+    def downstream(self, pixels: np.ndarray, labels: list[str]) -> dict[str, dict[str, float]]:
+        """:func:`downstream` classification on this actor's CPUs (or GPU)."""
+        return downstream(self.cfg, self.manifest, pixels, labels)
+
     def taus(self) -> dict[str, float]:
         return {w: s.threshold.tau for w, s in self.setups.items()}
+
+
+def _wait_started(actors: Sequence[Any], opts: Mapping[str, Any], timeout_s: float) -> dict[str, float]:
+    """Wait until every actor has loaded its models; a cluster that cannot place them all is an error
+    (calls to an actor that never starts would wait forever). Returns the tail thresholds."""
+    import ray
+
+    refs = [a.taus.remote() for a in actors]
+    ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+    if len(ready) < len(refs):
+        free = {k: round(v, 2) for k, v in ray.available_resources().items() if k in ("CPU", "GPU")}
+        raise UserError(
+            f"only {len(ready)} of {len(refs)} evaluation actors started within {timeout_s:g} s; each needs {dict(opts)} "
+            f"and the cluster has {free} free: lower evaluation.num_workers or evaluation.cpus_per_worker, or raise "
+            "evaluation.start_timeout_s when nodes are still coming up")
+    return ray.get(refs[0])
 
 
 def merge_scores(parts: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -535,15 +555,11 @@ def _image_set_metrics(emb: np.ndarray, real_train: np.ndarray, threshold: float
     return {k_: float(v) for k_, v in out.items()}
 
 
-def _downstream_task(cfg_dict: dict, pixels: np.ndarray, labels: list[str]) -> dict[str, dict[str, float]]:
-    """Downstream classification (a Ray task): trained on synthetic, real, real + synthetic; tested on real."""
-    from omegaconf import OmegaConf
-
+def downstream(cfg: Any, manifest, pixels: np.ndarray, labels: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Downstream classification: a small CNN trained on synthetic (uint8 ``pixels`` with ``labels``), real,
+    and real + synthetic images, each tested on held-out real images."""
     from craft_ray import metrics
 
-    cfg = OmegaConf.create(cfg_dict)
-    torch.set_num_threads(max(1, int(cfg.evaluation.cpus_per_worker)))
-    manifest = load_dataset(cfg)
     xr, yr = real_images(manifest, cfg, "train")
     xt, yt = real_images(manifest, cfg, "test" if manifest.split("test") else "val")
     real = (to_uint8(xr), yr)
@@ -591,7 +607,7 @@ def evaluate(cfg: Any, subject: Subject, out_dir: Path) -> dict[str, Any]:
     actors = [worker_cls.options(**opts).remote(cfg_dict, lora_ref, subject.name, use_judges)
               for _ in range(int(e.num_workers))]
     try:
-        taus = ray.get(actors[0].taus.remote())
+        taus = _wait_started(actors, opts, float(e.start_timeout_s))
         labels, prompts, seeds = eval_plan(cfg, int(e.images_per_label), seed_offset=int(e.seed_offset))
         chunks = _chunks(len(labels), int(e.batch_size))
         t_gen = time.perf_counter()
@@ -600,10 +616,12 @@ def evaluate(cfg: Any, subject: Subject, out_dir: Path) -> dict[str, Any]:
         t_score = time.perf_counter()
         scores = merge_scores(_map(actors, "score", [(pixels[c], labels[c]) for c in chunks], "score"))
         t_real = time.perf_counter()
-        downstream_ref = ray.remote(_downstream_task).options(**opts).remote(cfg_dict, pixels, labels)
+        # Everything after generation runs on the actors, which already hold their CPUs: on a small
+        # machine a new task could wait forever behind them and the judges.
         test_split = "test" if load_dataset(cfg).split("test") else "val"
-        real_train, real_test = ray.get([actors[0].real.remote("train"), actors[-1].real.remote(test_split)])
-        downstream = ray.get(downstream_ref)
+        downstream_ref = actors[0].downstream.remote(pixels, labels)
+        real_train, real_test = ray.get([actors[-1].real.remote("train"), actors[-1].real.remote(test_split)])
+        classification = ray.get(downstream_ref)
         t_end = time.perf_counter()
     finally:
         for a in actors:
@@ -623,7 +641,7 @@ def evaluate(cfg: Any, subject: Subject, out_dir: Path) -> dict[str, Any]:
         "modality": cfg.modality, "dataset": cfg.data.dataset, "images": n, "taus": taus,
         "metrics": summarise(scores, taus),
         "image_set": image_set, "memorization_threshold": thr, "embedding": str(e.embedding),
-        "downstream": downstream, "audit": audit, "judge_error": scores.get("judge_error"),
+        "downstream": classification, "audit": audit, "judge_error": scores.get("judge_error"),
         "timing_s": {"generate": t_score - t_gen, "score": t_real - t_score, "real_and_downstream": t_end - t_real,
                      "total": time.perf_counter() - t0},
         "images_per_s": {"generate": n / (t_score - t_gen), "score": n / (t_real - t_score)},

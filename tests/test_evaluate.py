@@ -184,7 +184,7 @@ def test_outputs_report_and_mlflow(evaluations):
     runs = c.search_runs([c.get_experiment_by_name("craft_ray").experiment_id], "tags.stage = 'evaluate'")
     assert {r.data.tags["craft_ray.subject"] for r in runs} == {"base", "my-lora"}
     run = next(r for r in runs if r.data.tags["craft_ray.subject"] == "my-lora")
-    assert run.data.metrics["eval/train_cas"] == pytest.approx(evaluations["lora"]["metrics"]["train_cas"])
+    assert run.data.metrics["eval/train_cas"] == pytest.approx(evaluations["lora"]["metrics"]["train_cas"], abs=1e-5)
     assert "eval/downstream/real/accuracy" in run.data.metrics
     arts = {a.path for a in c.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/report.html", "evaluation/scores.npz", "evaluation/summary.json"} <= arts
@@ -196,8 +196,9 @@ def test_workers_and_batch_size_do_not_change_the_images(evaluations):
     one = ev.load_scores(evaluations["tmp"] / "eval-lora" / ev.SCORES_FILE)
     two = ev.load_scores(evaluations["tmp"] / "eval-lora-2" / ev.SCORES_FILE)
     assert one["labels"] == two["labels"]
-    np.testing.assert_allclose(one["train_cas"], two["train_cas"], atol=1e-5)
-    np.testing.assert_allclose(one["ood_cas"], two["ood_cas"], atol=1e-5)
+    # Batch size changes float summation order, which can flip a pixel's uint8 rounding: tiny differences.
+    np.testing.assert_allclose(one["train_cas"], two["train_cas"], atol=1e-4)
+    np.testing.assert_allclose(one["ood_cas"], two["ood_cas"], atol=1e-4)
     assert evaluations["lora2"]["num_workers"] == 2
     base = ev.load_scores(evaluations["tmp"] / "eval-base" / ev.SCORES_FILE)
     assert not np.allclose(base["train_cas"], one["train_cas"])  # the LoRA changed the images
