@@ -321,13 +321,14 @@ def evaluate_loras(cfg: Any, loras: Mapping[str, str | Path | None], *, n_per_la
 
 EPILOG = """examples:
   python -m craft_ray.evaluate --base                           # the base model, embedded default (phantom cxr)
-  python -m craft_ray.evaluate --lora runs/craft-cxr/craft       # a LoRA folder or .safetensors file
+  python -m craft_ray.evaluate --lora runs/craft-cxr/sft        # a LoRA folder or .safetensors file
   python -m craft_ray.evaluate --run RUN_ID                      # an MLflow run of craft_ray.train: its config + LoRA
-  python -m craft_ray.evaluate --lora runs/craft-cxr/sft modality=cxr evaluation.num_workers=2
-  python -m craft_ray.evaluate compare runs/craft-cxr/eval-sft runs/craft-cxr/eval-craft   # folders or MLflow run ids
+  python -m craft_ray.evaluate --lora runs/craft-cxr/craft evaluation.num_workers=2 evaluation.images_per_label=64
+  python -m craft_ray.evaluate compare runs/evaluations/craft-cxr-sft runs/evaluations/craft-cxr-craft
 
 Writes report.md, report.html (self-contained), scores.npz and summary.json to --out (default
-runs/<name>/eval-<subject>) and logs them to an MLflow run tagged stage=evaluate.
+<output_dir>/evaluations/<subject>, e.g. runs/evaluations/craft-cxr-sft) and logs them to an MLflow
+run tagged stage=evaluate. `compare` takes evaluation folders or the MLflow run ids of evaluations.
 """
 
 SCORES_FILE = "scores.npz"  # per-image scores of the generated set (what `compare` reads)
@@ -358,11 +359,15 @@ def lora_file(path: str | Path) -> Path:
 
 
 def _lora_name(path: str | Path) -> str:
-    """A short name for a LoRA path: its folder for training's pytorch_lora_weights.safetensors, else its stem."""
+    """A short name for a LoRA path: ``<run>-<stage>`` for a training stage folder (runs/NAME/sft), else
+    the folder's name or the file's stem."""
     from craft_ray.models.diffusion import LORA_WEIGHT_NAME
 
     p = Path(path).absolute()
-    return p.parent.name if p.name == LORA_WEIGHT_NAME else (p.stem if p.suffix == ".safetensors" else p.name)
+    if p.suffix == ".safetensors" and p.name != LORA_WEIGHT_NAME:
+        return p.stem
+    folder = p.parent if p.name == LORA_WEIGHT_NAME else p
+    return f"{folder.parent.name}-{folder.name}" if folder.name in ("sft", "craft") else folder.name
 
 
 def _download(c, run_id: str, artifact_path: str, dst: Path) -> Path | None:
@@ -660,7 +665,9 @@ def evaluate(cfg: Any, subject: Subject, out_dir: Path) -> dict[str, Any]:
     notes = [f"{n} images ({int(e.images_per_label)} per label, seeds from {int(e.seed_offset)}) generated with "
              f"{subject.kind} {subject.name} on {int(e.num_workers)} Ray worker(s); {cfg.modality} "
              f"({cfg.data.dataset}); 95 % bootstrap CIs in brackets."]
-    if summary["judge_error"] or not use_judges:
+    if not cfg.cas.use_judge:
+        notes.append("checklist judge off (cas.use_judge=false): no judge score, no checklist audit")
+    elif summary["judge_error"] or not use_judges:
         notes.append(f"checklist judge missing: {summary['judge_error'] or 'judges not available (see log)'}")
     paths = report.write_report(out_dir, title=f"Evaluation of {subject.name} ({cfg.modality})", arms=arms,
                                 taus=taus, tables=tables, notes=notes)
@@ -785,11 +792,23 @@ def compare(refs: Sequence[str], cfg: Any, out_dir: Path) -> list[dict[str, str]
     taus = first["taus"]
     rows = compare_rows(runs, taus, n_boot=int(cfg.cas.bootstrap), seed=int(cfg.seed))
     table = markdown_table(rows)
+    sets = [("fd", "Fréchet distance to real training images", False), ("precision", "precision", False),
+            ("recall", "recall", False), ("coverage", "coverage", False),
+            ("memorized_share", "memorized share % (whitened cosine >= threshold)", True)]
+    other = [{"metric": title, **{n: _fmt(s["image_set"]["generated"][key], pct) for n, (*_, s) in zip(names, loaded,
+                                                                                                       strict=True)}}
+             for key, title, pct in sets]
+    other += [{"metric": f"downstream {metric}{' %' if metric == 'accuracy' else ''}, trained on synthetic only",
+               **{n: _fmt(s["downstream"]["synthetic"][metric], metric == "accuracy")
+                  for n, (*_, s) in zip(names, loaded, strict=True)}}
+              for metric in ("accuracy", "macro_auroc")]
     arms = [report.Arm("real (held-out)", loaded[0][2]["labels"], _cas_of(loaded[0][2]))]
     arms += [report.Arm(n, sc["labels"], _cas_of(sc)) for n, sc in runs.items()]
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = report.write_report(out_dir, title=f"Comparison: {' vs '.join(names)} ({first['modality']})", arms=arms,
-                                taus=taus, tables=[("CAS and tail rates (first column = baseline)", table)],
+                                taus=taus, tables=[("CAS and tail rates (first column = baseline)", table),
+                                                   ("Image-set metrics and downstream classification",
+                                                    markdown_table(other))],
                                 notes=[f"95 % bootstrap CIs ({int(cfg.cas.bootstrap)} resamples) in brackets; tail "
                                        f"reductions are against {names[0]}."])
     print(table, flush=True)
@@ -840,8 +859,9 @@ def main(argv: list[str]) -> int:
             return 0
     else:
         cfg = resolve(ns)
-        subject = Subject("base", "base", None) if ns.base else Subject("lora", _lora_name(ns.lora), lora_file(ns.lora))
-    out = Path(ns.out) if ns.out else Path(cfg.output_dir) / str(cfg.name) / f"eval-{subject.name}"
+        subject = (Subject("base", f"base-{cfg.modality}", None) if ns.base else
+                   Subject("lora", _lora_name(ns.lora), lora_file(ns.lora)))
+    out = Path(ns.out) if ns.out else Path(cfg.output_dir) / "evaluations" / subject.name
     evaluate(cfg, subject, out)
     return 0
 

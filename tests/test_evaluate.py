@@ -256,3 +256,33 @@ def test_cli_help_and_bad_input(tmp_path):
     assert one.returncode == 2 and "at least two" in one.stderr
     cfg = cli("--base", "--print-config", "evaluation.images_per_label=3", cwd=tmp_path)
     assert cfg.returncode == 0 and "images_per_label: 3" in cfg.stdout
+
+
+@pytest.mark.slow
+def test_evaluate_an_mlflow_training_run(evaluations, micro_world):
+    """--run RUN_ID: a stage=all parent resolves to its CRAFT child's LoRA and the parent's logged config."""
+    import mlflow
+
+    from craft_ray.config import to_yaml
+
+    tmp = evaluations["tmp"]
+    cfg = micro_cfg(micro_world, tmp, "name=trained", "cas.use_judge=false")
+    (tmp / "config.yaml").write_text(to_yaml(cfg))
+    c = mlflow.tracking.MlflowClient(cfg.tracking.tracking_uri)
+    exp = c.get_experiment_by_name("craft_ray").experiment_id
+    tags = {"craft_ray.name": "trained", "modality": "cxr"}
+    parent = c.create_run(exp, run_name="trained", tags={**tags, "stage": "all"}).info.run_id
+    child = c.create_run(exp, run_name="trained-craft",
+                         tags={**tags, "stage": "craft", "mlflow.parentRunId": parent}).info.run_id
+    c.log_artifact(parent, str(tmp / "config.yaml"), "config")
+    c.log_artifact(child, str(tmp / "my-lora" / "pytorch_lora_weights.safetensors"), "lora")
+    assert ev.main(["--run", parent, f"tracking.tracking_uri={cfg.tracking.tracking_uri}"]) == 0
+    summary = json.loads((tmp / "runs" / "evaluations" / "trained-craft" / ev.SUMMARY_FILE).read_text())
+    assert summary["subject"]["run_id"] == child and summary["subject"]["kind"] == "run"
+    assert summary["metrics"]["judge_missing"] == 1.0  # the run's config (cas.use_judge=false) was used
+    # the LoRA is the one logged: same images as the --lora evaluation of that file
+    lora = ev.load_scores(tmp / "eval-lora" / ev.SCORES_FILE)
+    got = ev.load_scores(tmp / "runs" / "evaluations" / "trained-craft" / ev.SCORES_FILE)
+    np.testing.assert_allclose(got["train_cas"], lora["train_cas"], atol=1e-4)
+    runs = c.search_runs([exp], f"tags.`craft_ray.evaluated_run` = '{child}'")
+    assert len(runs) == 1 and runs[0].data.tags["stage"] == "evaluate"
