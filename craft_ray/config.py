@@ -196,6 +196,7 @@ class EvaluationConfig:
     start_timeout_s: float = 600.0  # seconds to wait for the actors to be placed and load their models
     embedding: str = "ood"  # evaluator whose image embeddings memorization, FD and precision/recall use: train | ood
     memorization_threshold: float = 0.95  # cosine to the nearest real training image at or above which an image is a copy
+    save_images: bool = True  # keep the generated images (PNG + images.csv) in the output folder and MLflow
     top_pairs: int = 8  # memorization: most similar (generated, real) pairs shown in the report
     pr_k: int = 5  # k of the k-NN manifolds behind precision / recall / density / coverage
     classifier_epochs: int = 15  # downstream classifier: training epochs

@@ -334,6 +334,7 @@ run tagged stage=evaluate. `compare` takes evaluation folders or the MLflow run 
 SCORES_FILE = "scores.npz"  # per-image scores of the generated set (what `compare` reads)
 REAL_FILE = "real_scores.npz"  # per-image CAS of the held-out real images (report histograms)
 SUMMARY_FILE = "summary.json"
+IMAGES_DIR = "images"  # the generated images as PNGs, indexed by images.csv (index, file, label, prompt, seed)
 ARTIFACT_DIR = "evaluation"  # where an evaluation's files go in its MLflow run
 
 
@@ -654,6 +655,8 @@ def evaluate(cfg: Any, subject: Subject, out_dir: Path) -> dict[str, Any]:
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     save_scores(out_dir / SCORES_FILE, scores, nn_sim=mem["nn_sim"])
+    if e.save_images:
+        save_images(out_dir / IMAGES_DIR, pixels, labels, prompts, seeds)
     save_scores(out_dir / REAL_FILE, real_test)
     (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=float))
     (out_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -711,6 +714,24 @@ def save_scores(path: Path, scores: Mapping[str, Any], **extra: np.ndarray) -> N
     np.savez_compressed(path, labels=np.asarray(scores["labels"]), **arrays, **extra)
 
 
+def save_images(folder: Path, pixels: np.ndarray, labels: Sequence[str], prompts: Sequence[str],
+                seeds: Sequence[int]) -> Path:
+    """uint8 images [N,H,W,3] as ``folder/00000.png`` ... with ``folder/images.csv`` (index, file, label, prompt,
+    seed); images with the same (label, seed) from two generators are matched pairs."""
+    import csv
+
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "images.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["index", "file", "label", "prompt", "seed"])
+        for i, (img, lab, prompt, seed) in enumerate(zip(pixels, labels, prompts, seeds, strict=True)):
+            Image.fromarray(img).save(folder / f"{i:05d}.png")
+            w.writerow([i, f"{i:05d}.png", lab, prompt, int(seed)])
+    return folder / "images.csv"
+
+
 def load_scores(path: Path) -> dict[str, Any]:
     """Per-image scores written by :func:`save_scores`."""
     with np.load(path) as z:
@@ -744,20 +765,26 @@ def _log_evaluation(cfg: Any, subject: Subject, out_dir: Path, summary: Mapping[
 # ------------------------------------------------------------------------------------------ compare
 
 
+def evaluation_folder(ref: str, tracking_uri: str, dst: Path) -> Path:
+    """The folder of an evaluation: ``ref`` itself, or the ``evaluation`` artifacts of MLflow run ``ref``
+    downloaded under ``dst``."""
+    folder = Path(ref)
+    if (folder / SCORES_FILE).is_file():
+        return folder
+    from craft_ray import tracking
+
+    got = _download(tracking.client(tracking_uri), ref, ARTIFACT_DIR, dst / ref)
+    if got is None or not (got / SCORES_FILE).is_file():
+        raise UserError(f"{ref!r} is neither an evaluation folder (with {SCORES_FILE}) nor an MLflow run id "
+                        f"of an evaluation in {tracking_uri}")
+    return got
+
+
 def load_evaluation(ref: str, tracking_uri: str, dst: Path) -> tuple[str, dict[str, Any], dict[str, Any], dict]:
     """(name, per-image scores, held-out real scores, summary) of an evaluation folder or MLflow run id."""
     import json
 
-    folder = Path(ref)
-    if not (folder / SCORES_FILE).is_file():
-        from craft_ray import tracking
-
-        c = tracking.client(tracking_uri)
-        got = _download(c, ref, ARTIFACT_DIR, dst / ref)
-        if got is None or not (got / SCORES_FILE).is_file():
-            raise UserError(f"{ref!r} is neither an evaluation folder (with {SCORES_FILE}) nor an MLflow run id "
-                            f"of an evaluation in {tracking_uri}")
-        folder = got
+    folder = evaluation_folder(ref, tracking_uri, dst)
     summary = json.loads((folder / SUMMARY_FILE).read_text())
     return summary["subject"]["name"], load_scores(folder / SCORES_FILE), load_scores(folder / REAL_FILE), summary
 

@@ -174,6 +174,13 @@ def test_outputs_report_and_mlflow(evaluations):
     folder = evaluations["tmp"] / "eval-lora"
     for name in ("report.md", "report.html", "scores.npz", "real_scores.npz", "summary.json", "config.yaml"):
         assert (folder / name).is_file(), name
+    import csv
+
+    from PIL import Image
+
+    rows = list(csv.DictReader(open(folder / "images" / "images.csv")))
+    assert len(rows) == 24 and rows[0]["file"] == "00000.png" and int(rows[0]["seed"]) == 1_000_000
+    assert Image.open(folder / "images" / rows[-1]["file"]).size == (32, 32)
     html = (folder / "report.html").read_text()
     for fig in ("fig-cas_hist_train", "fig-cas_hist_ood", "fig-per_label", "fig-samples_my-lora",
                 "fig-memorization_my-lora", "fig-audit_my-lora"):
