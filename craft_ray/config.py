@@ -163,6 +163,7 @@ class TrainConfig:
     num_workers: int = 1  # Ray Train workers (DDP ranks); 0 = run the loop in the driver's process
     use_gpu: bool = False  # one GPU per worker
     cpus_per_worker: float = 0.5  # CPUs reserved per Train worker (fractional on small machines)
+    worker_resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per worker, e.g. {train_node: 1}
     batch_size: int = 8  # images per step (per worker!)
     grad_accum: int = 1  # gradient accumulation steps
     sft_steps: int = 200  # optimizer steps of the SFT stage
@@ -191,6 +192,7 @@ class EvaluationConfig:
     seed_offset: int = 1_000_000  # first seed of the fixed seed set (= the final SFT-vs-CRAFT evaluation's)
     num_workers: int = 1  # Ray actors that generate and score; each loads the generator and evaluators once
     cpus_per_worker: float = 1.0  # CPUs reserved per evaluation actor (fractional on small machines)
+    worker_resources: dict[str, float] = field(default_factory=dict)  # extra Ray resources per actor, e.g. {eval_node: 1}
     use_gpu: bool = False  # one GPU per evaluation actor
     batch_size: int = 16  # images per generation / scoring call (one progress-bar tick)
     start_timeout_s: float = 600.0  # seconds to wait for the actors to be placed and load their models

@@ -607,6 +607,8 @@ def evaluate(cfg: Any, subject: Subject, out_dir: Path) -> dict[str, Any]:
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
     lora_ref = ray.put(load_file(str(subject.lora))) if subject.lora is not None else None
     opts: dict[str, Any] = {"num_cpus": float(e.cpus_per_worker)}
+    if e.worker_resources:
+        opts["resources"] = {str(k): float(v) for k, v in e.worker_resources.items()}
     if e.use_gpu:
         opts["num_gpus"] = 1
     worker_cls = ray.remote(EvaluationWorker)

@@ -112,7 +112,10 @@ def parse_spec(data: Any, source: str = "<spec>", overrides: list[str] | None = 
     base = _mapping(data.get("base"), source, "base", {"config", "overrides"})
     search = _mapping(data.get("search"), source, "search", {"algorithm", "num_samples", "max_concurrent", "seed"})
     sched = _mapping(data.get("scheduler"), source, "scheduler", {"type", "grace_period", "reduction_factor"})
-    res = _mapping(data.get("resources"), source, "resources", {"cpu", "gpu"})
+    res = _mapping(data.get("resources"), source, "resources", {"cpu", "gpu", "custom"})
+    custom = data.get("resources", {}).get("custom") or {}
+    if not isinstance(custom, dict) or not all(isinstance(v, int | float) and v > 0 for v in custom.values()):
+        raise _fail(source, "resources.custom", f"must map Ray resource names to positive amounts, got {custom!r}")
     obj = _mapping(data.get("objective"), source, "objective", {"metric", "mode"})
     space = _mapping(data.get("search_space"), source, "search_space", {"weights", "params"})
     if "weights" not in space:
@@ -157,7 +160,8 @@ def parse_spec(data: Any, source: str = "<spec>", overrides: list[str] | None = 
         modalities=list(modalities), weights=weights, params=params, algorithm=algorithm,
         num_samples=int(search.get("num_samples", 4)), max_concurrent=int(search.get("max_concurrent", 2)),
         seed=int(search.get("seed", 0)), scheduler={"type": stype, **{k: int(v) for k, v in sched.items() if k != "type"}},
-        resources={"cpu": float(res.get("cpu", 1.0)), "gpu": float(res.get("gpu", 0.0))},
+        resources={"cpu": float(res.get("cpu", 1.0)), "gpu": float(res.get("gpu", 0.0)),
+                   "custom": {str(k): float(v) for k, v in custom.items()}},
         metric=str(obj.get("metric", "eval/ood_tail_rate")), mode=mode,
         time_budget_s=float(data["time_budget_s"]) if data.get("time_budget_s") else None, source=source,
     )
@@ -185,13 +189,20 @@ def base_config(spec: SweepSpec, modality: str) -> DictConfig:
 
 
 def trial_config(base: DictConfig | dict, weights: dict[str, float], params: dict[str, Any]) -> DictConfig:
-    """``base`` with normalised reward weights and the sampled params applied, validated as overrides are."""
+    """``base`` with normalised reward weights and the sampled params applied, validated as overrides are.
+
+    A trial reports to Tune at every evaluation and only then (one Tune iteration = one evaluation, the
+    unit ASHA counts, and every report carries the objective), so progress logs and checkpoints are
+    aligned to ``train.eval_every``.
+    """
     w = normalise_weights(weights)
     overrides = [f"reward.weights.{d}={w[d]}" for d in DIMENSIONS] + [f"{k}={v}" for k, v in params.items()]
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="craft-trial-") as fh:
         fh.write(to_yaml(OmegaConf.create(base)))
         fh.flush()
-        return load_config(fh.name, overrides)
+        cfg = load_config(fh.name, overrides)
+    cfg.train.log_every = cfg.train.checkpoint_every = cfg.train.eval_every
+    return cfg
 
 
 def check_spec_against_config(spec: SweepSpec) -> None:
@@ -282,8 +293,10 @@ def _fit_in_trial(cfg: DictConfig, stage_config: dict) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from craft_ray import training
+    from craft_ray.train import worker_resources
 
-    resources = {"CPU": float(cfg.train.cpus_per_worker), **({"GPU": 1.0} if cfg.train.use_gpu else {})}
+    resources = {"CPU": float(cfg.train.cpus_per_worker), **({"GPU": 1.0} if cfg.train.use_gpu else {}),
+                 **worker_resources(cfg)}
     TorchTrainer(
         training.train_loop_per_worker, train_loop_config=stage_config,
         scaling_config=ScalingConfig(num_workers=int(cfg.train.num_workers), use_gpu=bool(cfg.train.use_gpu),
@@ -300,8 +313,9 @@ def _check_resources(spec: SweepSpec) -> None:
     import ray
 
     have = ray.cluster_resources()
-    for key, ray_key in (("cpu", "CPU"), ("gpu", "GPU")):
-        want = spec.resources[key]
+    wants = [("cpu", "CPU", spec.resources["cpu"]), ("gpu", "GPU", spec.resources["gpu"])]
+    wants += [(f"custom.{k}", k, v) for k, v in spec.resources["custom"].items()]
+    for key, ray_key, want in wants:
         if want > have.get(ray_key, 0.0):
             raise UserError(f"sweep spec {spec.source!r}: resources.{key}={want:g} per trial, but the Ray cluster has "
                             f"{have.get(ray_key, 0.0):g} {ray_key}; no trial could ever start")
@@ -355,7 +369,7 @@ def sweep_modality(spec: SweepSpec, modality: str, out_dir: Path) -> dict[str, A
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=OmegaConf.to_container(base, resolve=True), init_lora=str(sft_lora),
                              parent_run=parent),
-        {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"]})
+        {"cpu": spec.resources["cpu"], "gpu": spec.resources["gpu"], **spec.resources["custom"]})
     exp_name = f"{spec.name}-{modality}"
     storage = str(Path(base.ray.storage_path).absolute()) if "://" not in str(base.ray.storage_path) \
         else str(base.ray.storage_path)

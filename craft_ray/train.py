@@ -117,6 +117,12 @@ def online_enrichment(cfg: DictConfig) -> dict[str, list[str]]:
     return extra
 
 
+def worker_resources(cfg: DictConfig) -> dict[str, float]:
+    """The custom Ray resources each Train worker requests (``train.worker_resources``), e.g. to pin workers
+    to a node type of the cluster."""
+    return {str(k): float(v) for k, v in cfg.train.worker_resources.items()}
+
+
 def _remote_options(cfg: DictConfig) -> dict[str, Any]:
     opts: dict[str, Any] = {"num_cpus": float(cfg.train.cpus_per_worker)}
     if cfg.train.use_gpu:
@@ -185,7 +191,7 @@ def fit_stage(cfg: DictConfig, stage: str, run_id: str | None, init_lora: Any, e
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    resources = {"CPU": float(cfg.train.cpus_per_worker)}
+    resources = {"CPU": float(cfg.train.cpus_per_worker), **worker_resources(cfg)}
     if cfg.train.use_gpu:
         resources["GPU"] = 1.0
     trainer = TorchTrainer(

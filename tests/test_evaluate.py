@@ -178,7 +178,7 @@ def test_outputs_report_and_mlflow(evaluations):
 
     from PIL import Image
 
-    rows = list(csv.DictReader(open(folder / "images" / "images.csv")))
+    rows = list(csv.DictReader((folder / "images" / "images.csv").read_text().splitlines()))
     assert len(rows) == 24 and rows[0]["file"] == "00000.png" and int(rows[0]["seed"]) == 1_000_000
     assert Image.open(folder / "images" / rows[-1]["file"]).size == (32, 32)
     html = (folder / "report.html").read_text()

@@ -3,28 +3,22 @@ checkpoint without counting a step twice, and the driver runs as a Ray job on a 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.conftest import MICRO_OVERRIDES
+from tests.ray_nodes import VENV_BIN, Cluster, ray_cluster
 
-VENV_BIN = Path(sys.executable).parent
 BATCH = 4  # train.batch_size in MICRO_OVERRIDES
 ANSI = r"\x1b\[[0-9;]*m"  # colour codes in Ray's CLI output
 
@@ -146,126 +140,11 @@ def test_killed_worker_resumes_from_the_last_checkpoint(micro_world, tmp_path, r
 # ----------------------------------------------------------------------------------------------- ray job submit
 
 
-def free_ports(n: int) -> list[int]:
-    """``n`` distinct ports free on 127.0.0.1 right now."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-@dataclass
-class Head:
-    """A Ray head started by a test: GCS port, dashboard (job API) URL, the env its clients need."""
-
-    gcs_port: int
-    dashboard: str
-    env: dict[str, str]
-    temp_dir: Path
-    log: Path
-
-
-def _alive(p: psutil.Process) -> bool:
-    """Running and not a zombie (a zombie is gone; its parent just has not reaped it yet)."""
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.Error:
-        return False
-
-
-def _head_processes(root_pid: int, temp_dir: Path, since: float) -> dict[int, psutil.Process]:
-    """The head's live processes: ``ray start --block`` and its descendants, plus anything whose command line
-    names the head's temp dir (reparented orphans), started after ``since`` and not this one or an ancestor."""
-    mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
-    found: dict[int, psutil.Process] = {}
-    roots = []
-    with contextlib.suppress(psutil.Error):
-        roots.append(psutil.Process(root_pid))
-    for p in psutil.process_iter(["cmdline"]):
-        if str(temp_dir) in " ".join(p.info["cmdline"] or ()):
-            roots.append(p)
-    for root in roots:
-        with contextlib.suppress(psutil.Error):
-            found.update({c.pid: c for c in [root, *root.children(recursive=True)]})
-    out = {}
-    for pid, p in found.items():
-        with contextlib.suppress(psutil.Error):
-            if pid not in mine and p.create_time() >= since and _alive(p):
-                out[pid] = p
-    return out
-
-
-def _stop(procs: list[psutil.Process]) -> None:
-    """SIGTERM the given processes, wait, SIGKILL the survivors (Ray's GCS can linger on SIGTERM)."""
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.terminate()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and any(_alive(p) for p in procs):
-        time.sleep(0.2)
-    for p in procs:
-        if _alive(p):
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-
-
 @pytest.fixture
-def ray_head(tmp_path: Path) -> Iterator[Head]:
+def ray_head(tmp_path: Path) -> Iterator[Cluster]:
     """A Ray head (2 CPUs, dashboard, auth disabled) of this test only, stopped by pid in teardown."""
-    import requests
-
-    since = time.time() - 1
-    # Unix socket paths are limited to ~107 bytes: the session dir must sit under a short root.
-    temp_dir = Path(tempfile.mkdtemp(prefix="crh-", dir="/tmp"))
-    gcs, dash, client, agent, agent_grpc, env_agent, metrics, node, objects = free_ports(9)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", OMP_NUM_THREADS="1",
-               OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1", PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}")
-    log = tmp_path / "ray-head.log"
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--port", str(gcs), "--dashboard-port", str(dash),
-           "--dashboard-host", "127.0.0.1", "--include-dashboard=true",
-           "--num-cpus=2", "--object-store-memory=300000000", "--disable-usage-stats", "--temp-dir", str(temp_dir),
-           "--ray-client-server-port", str(client), "--dashboard-agent-listen-port", str(agent),
-           "--dashboard-agent-grpc-port", str(agent_grpc), "--runtime-env-agent-port", str(env_agent),
-           "--metrics-export-port", str(metrics), "--node-manager-port", str(node),
-           "--object-manager-port", str(objects)]
-    with open(log, "wb") as fh:
-        starter = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    head = Head(gcs, f"http://127.0.0.1:{dash}", env, temp_dir, log)
-    seen: dict[int, psutil.Process] = {}
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            seen.update(_head_processes(starter.pid, temp_dir, since))
-            if starter.poll() is not None:
-                raise AssertionError(f"ray start exited with {starter.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if requests.get(f"{head.dashboard}/api/version", timeout=2).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"the head's job API did not answer in 120 s:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
-        yield head
-    finally:
-        # Collect the whole tree before signalling anything: orphans of a stopped raylet lose their parent.
-        for _ in range(3):
-            seen.update(_head_processes(starter.pid, temp_dir, since))
-            alive = [p for p in seen.values() if _alive(p)]
-            if not alive:
-                break
-            _stop(alive)
-        starter.wait(10)
-        shutil.rmtree(temp_dir, ignore_errors=True)
-        left = sorted(_head_processes(starter.pid, temp_dir, since))
-        assert not left, f"processes of the test's Ray head still running: {left}"
+    with ray_cluster(tmp_path, [2]) as cluster:
+        yield cluster
 
 
 @pytest.mark.slow
