@@ -25,7 +25,9 @@ from craft_ray.errors import UserError
 
 # stage -> the stages it runs.
 PLAN: dict[str, tuple[str, ...]] = {"sft": ("sft",), "craft": ("craft",), "all": ("sft", "craft", "evaluate")}
-WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false"}
+# RAY_TRAIN_ENABLE_PRINT_PATCH=0: Train v2 would route workers' print() through its logger *and* the
+# forwarded stdout, so every progress line reached the driver twice.
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 # Local Ray only: the Train controller polls its workers every 2 s by default, and each report waits
 # for that poll; 0.2 s keeps short steps from idling.
 LOCAL_RAY_ENV = {**WORKER_ENV, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
