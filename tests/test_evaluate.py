@@ -121,21 +121,28 @@ def test_scores_round_trip(tmp_path):
 @pytest.fixture(scope="module")
 def evaluations(micro_world, ray_local, tmp_path_factory):
     """Three evaluations on the micro world: the base model, a LoRA on 1 and on 2 Ray workers."""
+    from ray import serve
+
     from craft_ray.models.diffusion import DiffusionModel
+    from tests.ray_nodes import free_ports
 
     tmp = tmp_path_factory.mktemp("evaluate")
-    cfg = micro_cfg(micro_world, tmp)
+    judges = [f"judges.port={free_ports(1)[0]}", "judges.app_name=eval_test_judges"]
+    cfg = micro_cfg(micro_world, tmp, *judges)
     model = DiffusionModel.from_config(cfg.model, "cpu", seed=0)
     g = torch.Generator().manual_seed(1)
     state = {k: v + 0.3 * torch.randn(v.shape, generator=g) for k, v in model.lora_state_dict().items()}
     model.load_lora_state_dict(state)
     lora = model.save_lora(tmp / "my-lora")
     out = {"cfg": cfg, "tmp": tmp}
-    out["base"] = ev.evaluate(cfg, ev.Subject("base", "base", None), tmp / "eval-base")
-    out["lora"] = ev.evaluate(cfg, ev.Subject("lora", "my-lora", lora), tmp / "eval-lora")
-    cfg2 = micro_cfg(micro_world, tmp, "evaluation.num_workers=2", "evaluation.batch_size=5")
-    out["lora2"] = ev.evaluate(cfg2, ev.Subject("lora", "my-lora", lora), tmp / "eval-lora-2")
-    return out
+    cfg2 = micro_cfg(micro_world, tmp, *judges, "evaluation.num_workers=2", "evaluation.batch_size=5")
+    try:
+        out["base"] = ev.evaluate(cfg, ev.Subject("base", "base", None), tmp / "eval-base")  # starts the judges
+        out["lora"] = ev.evaluate(cfg, ev.Subject("lora", "my-lora", lora), tmp / "eval-lora")
+        out["lora2"] = ev.evaluate(cfg2, ev.Subject("lora", "my-lora", lora), tmp / "eval-lora-2")
+        yield out
+    finally:
+        serve.shutdown()  # the embedded judges started here must not hold the Serve HTTP port for later tests
 
 
 @pytest.mark.slow
