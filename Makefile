@@ -39,4 +39,4 @@ lint: install
 	$(VENV)/bin/ruff check craft_ray tests bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache runs .craft_cache sweeps_out ray_results
+	rm -rf $(VENV) .pytest_cache .ruff_cache runs .craft_cache sweeps_out ray_results test-artifacts
