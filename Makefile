@@ -36,7 +36,7 @@ bench: install
 	  echo "== $$f"; $(PY) $$f || exit 1; done
 
 lint: install
-	$(VENV)/bin/ruff check craft_ray tests bench
+	$(VENV)/bin/ruff check craft_ray tests bench clusters
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache runs .craft_cache sweeps_out ray_results test-artifacts
