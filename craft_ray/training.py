@@ -279,10 +279,6 @@ class StageState:
 
 def train_loop_per_worker(config: dict) -> None:
     """Entry point of a Ray Train worker (``TorchTrainer(train_loop_per_worker, train_loop_config=...)``)."""
-    import logging
-
-    # Train v2 logs every report ("Reporting training result ...") at INFO; the progress lines say it once.
-    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
     run_stage(config, RaySession())
 
 
