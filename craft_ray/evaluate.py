@@ -59,6 +59,11 @@ def real_images(manifest, cfg: Any, split: str) -> tuple[torch.Tensor, list[str]
     return torch.stack([it["pixels"] for it in items]), [it["label_name"] for it in items]
 
 
+def held_out_split(manifest) -> str:
+    """The split of held-out real images (tau_q, audits, downstream testing): test, else val."""
+    return "test" if manifest.split("test") else "val"
+
+
 def _data_id(cfg: Any) -> str:
     if cfg.data.source == "phantom":
         return phantom_cache_dir(cfg).name
@@ -105,8 +110,7 @@ class ScoringSetup:
         if tpath.is_file():
             threshold = cas.Threshold.load(tpath, evaluator_id=evaluator.id, knowledge_version=kv, q=q, weights=weights)
         else:
-            split = "test" if manifest.split("test") else "val"
-            images, labels = real_images(manifest, cfg, split)
+            images, labels = real_images(manifest, cfg, held_out_split(manifest))
             with torch.no_grad():
                 real_cas = torch.cat([scorer.score(images[i:i + 64], labels[i:i + 64], weights)[0]
                                       for i in range(0, len(labels), 64)])
@@ -278,10 +282,11 @@ def markdown_table(rows: Sequence[Mapping[str, str]]) -> str:
     if not rows:
         return ""
     keys = list(rows[0])
-    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in keys}
+    cells = [{k: str(r[k]).replace("|", "\\|") for k in keys} for r in rows]  # a literal pipe inside a cell
+    widths = {k: max(len(k), *(len(r[k]) for r in cells)) for k in keys}
     lines = ["| " + " | ".join(k.ljust(widths[k]) for k in keys) + " |",
              "|" + "|".join("-" * (widths[k] + 2) for k in keys) + "|"]
-    lines += ["| " + " | ".join(r[k].ljust(widths[k]) for k in keys) + " |" for r in rows]
+    lines += ["| " + " | ".join(r[k].ljust(widths[k]) for k in keys) + " |" for r in cells]
     return "\n".join(lines)
 
 
@@ -473,12 +478,23 @@ class EvaluationWorker:
         return score_images(from_uint8(pixels), labels, self.setups, self.cfg, judge=self.judge,
                             knowledge=self.knowledge, embedding=str(self.cfg.evaluation.embedding))
 
-    def real(self, split: str) -> dict[str, Any]:
-        """Scores, embeddings and uint8 pixels of the real images of ``split`` (no judge)."""
-        images, labels = real_images(self.manifest, self.cfg, split)
-        scores = score_images(images, labels, self.setups, self.cfg, embedding=str(self.cfg.evaluation.embedding))
-        scores["pixels"] = to_uint8(images)
-        return scores
+    def held_out(self) -> dict[str, Any]:
+        """Scores and embeddings (see :func:`score_images`) of the held-out real images (no judge)."""
+        images, labels = real_images(self.manifest, self.cfg, held_out_split(self.manifest))
+        return score_images(images, labels, self.setups, self.cfg, embedding=str(self.cfg.evaluation.embedding))
+
+    @torch.no_grad()
+    def train_embeddings(self) -> np.ndarray:
+        """L2-normalised embeddings [N,D] of the real training images under ``evaluation.embedding``."""
+        images, _ = real_images(self.manifest, self.cfg, "train")
+        evaluator = self.setups[str(self.cfg.evaluation.embedding)].evaluator
+        emb = torch.cat([evaluator.encode_images(images[i:i + 64]) for i in range(0, len(images), 64)])
+        return torch.nn.functional.normalize(emb.float(), dim=-1).cpu().numpy()
+
+    def train_pixels(self, indices: list[int]) -> np.ndarray:
+        """uint8 images [len(indices),H,W,3] of the real training images at ``indices``."""
+        ds = ImageDataset(self.manifest, "train", self.cfg.data.size, corrupt_images=self.cfg.data.corrupt_images)
+        return to_uint8(torch.stack([ds[i]["pixels"] for i in indices]))
 
     def downstream(self, pixels: np.ndarray, labels: list[str]) -> dict[str, dict[str, float]]:
         """:func:`downstream` classification on this actor's CPUs (or GPU)."""
@@ -551,10 +567,11 @@ def per_label_rows(scores: Mapping[str, Any], taus: Mapping[str, float]) -> list
     return rows
 
 
-def _image_set_metrics(emb: np.ndarray, real_train: np.ndarray, threshold: float, k: int) -> dict[str, float]:
+def _image_set_metrics(emb: np.ndarray, real_train: np.ndarray, mem: Mapping[str, Any], k: int) -> dict[str, float]:
+    """FD, precision/recall/density/coverage of embeddings ``emb`` against the real training ones, and the
+    summary of their memorization result ``mem`` (:func:`craft_ray.metrics.memorization`)."""
     from craft_ray import metrics
 
-    mem = metrics.memorization(emb, real_train, threshold)
     out = {"fd": metrics.frechet_distance(emb, real_train),
            **metrics.precision_recall_coverage(real_train, emb, k=k),
            "mean_nn_cosine": float(mem["mean_nn_sim"]), "memorized_share": float(mem["share_above"])}
@@ -567,7 +584,7 @@ def downstream(cfg: Any, manifest, pixels: np.ndarray, labels: Sequence[str]) ->
     from craft_ray import metrics
 
     xr, yr = real_images(manifest, cfg, "train")
-    xt, yt = real_images(manifest, cfg, "test" if manifest.split("test") else "val")
+    xt, yt = real_images(manifest, cfg, held_out_split(manifest))
     real = (to_uint8(xr), yr)
     sets = {"synthetic": (pixels, labels), "real": real,
             "real+synthetic": (np.concatenate([real[0], pixels]), list(yr) + list(labels))}
@@ -575,7 +592,7 @@ def downstream(cfg: Any, manifest, pixels: np.ndarray, labels: Sequence[str]) ->
     return metrics.downstream_classification(
         sets, (to_uint8(xt), yt), get_modality(cfg.modality).label_names(cfg.data.dataset),
         epochs=int(e.classifier_epochs), batch_size=int(e.classifier_batch_size), lr=float(e.classifier_lr),
-        seed=int(cfg.seed), device="cuda" if e.use_gpu and torch.cuda.is_available() else "cpu")
+        seed=int(cfg.seed), device="cuda" if e.use_gpu and torch.cuda.is_available() else "cpu", progress=True)
 
 
 def _fmt(v: float, pct: bool = False) -> str:
@@ -626,25 +643,27 @@ def evaluate(cfg: Any, subject: Subject, out_dir: Path) -> dict[str, Any]:
         t_real = time.perf_counter()
         # Everything after generation runs on the actors, which already hold their CPUs: on a small
         # machine a new task could wait forever behind them and the judges.
-        test_split = "test" if load_dataset(cfg).split("test") else "val"
         downstream_ref = actors[0].downstream.remote(pixels, labels)
-        real_train, real_test = ray.get([actors[-1].real.remote("train"), actors[-1].real.remote(test_split)])
+        train_emb, real_test = ray.get([actors[-1].train_embeddings.remote(), actors[-1].held_out.remote()])
+        thr, k = float(e.memorization_threshold), int(e.pr_k)
+        mem = metrics.memorization(scores["embedding"], train_emb, thr)
+        top = np.argsort(-mem["nn_sim"])[: int(e.top_pairs)]
+        nearest = ray.get(actors[-1].train_pixels.remote([int(mem["nn_index"][i]) for i in top]))
         classification = ray.get(downstream_ref)
         t_end = time.perf_counter()
     finally:
         for a in actors:
             ray.kill(a)
 
-    thr, k = float(e.memorization_threshold), int(e.pr_k)
-    image_set = {"generated": _image_set_metrics(scores["embedding"], real_train["embedding"], thr, k),
-                 "held-out real": _image_set_metrics(real_test["embedding"], real_train["embedding"], thr, k)}
-    mem = metrics.memorization(scores["embedding"], real_train["embedding"], thr)
-    top = np.argsort(-mem["nn_sim"])[: int(e.top_pairs)]
-    pairs = [(pixels[i], real_train["pixels"][mem["nn_index"][i]], float(mem["nn_sim"][i])) for i in top]
+    image_set = {"generated": _image_set_metrics(scores["embedding"], train_emb, mem, k),
+                 "held-out real": _image_set_metrics(real_test["embedding"], train_emb,
+                                                     metrics.memorization(real_test["embedding"], train_emb, thr), k)}
+    pairs = [(pixels[i], real, float(mem["nn_sim"][i])) for i, real in zip(top, nearest, strict=True)]
     audit = checklist_audit(scores["judge_items"])
     n = len(labels)
     summary = {
-        "subject": {"kind": subject.kind, "name": subject.name, "lora": str(subject.lora) if subject.lora else None,
+        "subject": {"kind": subject.kind, "name": subject.name,
+                    "lora": str(subject.lora) if subject.kind == "lora" else None,  # a run's LoRA: see run_id
                     "run_id": subject.run_id},
         "modality": cfg.modality, "dataset": cfg.data.dataset, "images": n, "taus": taus,
         "metrics": summarise(scores, taus),
@@ -756,9 +775,7 @@ def _log_evaluation(cfg: Any, subject: Subject, out_dir: Path, summary: Mapping[
     flat.update({f"eval/{s}/{k}": v for s, m in summary["image_set"].items() for k, v in m.items()})
     flat.update({f"eval/downstream/{s}/{k}": v for s, m in summary["downstream"].items() for k, v in m.items()})
     t.log_metrics({k.replace(" ", "_").replace("+", "_plus_"): v for k, v in flat.items() if np.isfinite(v)}, 0)
-    for f in sorted(out_dir.rglob("*")):
-        if f.is_file():
-            t.log_artifact(f, str(Path(ARTIFACT_DIR) / f.parent.relative_to(out_dir)).rstrip("/."))
+    c.log_artifacts(run_id, str(out_dir), ARTIFACT_DIR)
     c.set_terminated(run_id, "FINISHED")
     print(f"MLflow: run {run_id} (experiment {cfg.tracking.experiment!r})", flush=True)
     return run_id
@@ -810,8 +827,8 @@ def compare(refs: Sequence[str], cfg: Any, out_dir: Path) -> list[dict[str, str]
         if (s["modality"], s["dataset"]) != (first["modality"], first["dataset"]):
             raise UserError(f"{ref} evaluates {s['modality']}/{s['dataset']}, {refs[0]} {first['modality']}/"
                             f"{first['dataset']}: compare evaluations of one modality")
-        diff = {ev: (s["taus"][ev], first["taus"][ev]) for ev in first["taus"]
-                if abs(s["taus"].get(ev, np.nan) - first["taus"][ev]) > 1e-9}
+        diff = {ev: (s["taus"].get(ev), first["taus"][ev]) for ev in first["taus"]
+                if not abs(s["taus"].get(ev, np.nan) - first["taus"][ev]) <= 1e-9}  # a missing tau differs too
         if diff:
             raise UserError(f"{ref} was scored against other tail thresholds than {refs[0]} ({diff}): the evaluators, "
                             "knowledge or CAS weights differ; compare evaluations made with the same ones")
@@ -870,15 +887,20 @@ def main(argv: list[str]) -> int:
     what.add_argument("--run", metavar="RUN_ID", help="MLflow run of craft_ray.train (stage=all: its CRAFT stage)")
     what.add_argument("--lora", metavar="PATH", help="LoRA .safetensors file or folder")
     what.add_argument("--base", action="store_true", help="the base model without LoRA")
-    parser.add_argument("--out", help="output folder (default runs/<name>/eval-<subject>)")
+    parser.add_argument("--out", help="output folder (default <output_dir>/evaluations/<subject>)")
     ns = parser.parse_args(argv)
-    if ns.run:
-        import tempfile
+    if not ns.run:
+        cfg = resolve(ns)
+        subject = (Subject("base", f"base-{cfg.modality}", None) if ns.base else
+                   Subject("lora", _lora_name(ns.lora), lora_file(ns.lora)))
+        evaluate(cfg, subject, Path(ns.out) if ns.out else Path(cfg.output_dir) / "evaluations" / subject.name)
+        return 0
+    import tempfile
 
-        config_file, overrides = split_config_args(ns.args)
-        cfg = load_config(config_file, overrides)  # names the tracking URI to find the run in
-        subject, run_config, modality = subject_from_run(cfg.tracking.tracking_uri, ns.run,
-                                                         Path(tempfile.mkdtemp(prefix="craft-eval-")))
+    config_file, overrides = split_config_args(ns.args)
+    cfg = load_config(config_file, overrides)  # names the tracking URI to find the run in
+    with tempfile.TemporaryDirectory(prefix="craft-eval-") as tmp:  # the run's LoRA and config, while needed
+        subject, run_config, modality = subject_from_run(cfg.tracking.tracking_uri, ns.run, Path(tmp))
         if config_file is None and run_config is not None:  # the run's own config, with the overrides on top
             cfg = load_config(run_config, overrides)
         if modality and cfg.modality != modality:
@@ -886,12 +908,7 @@ def main(argv: list[str]) -> int:
         if ns.print_config:
             print(to_yaml(cfg), end="")
             return 0
-    else:
-        cfg = resolve(ns)
-        subject = (Subject("base", f"base-{cfg.modality}", None) if ns.base else
-                   Subject("lora", _lora_name(ns.lora), lora_file(ns.lora)))
-    out = Path(ns.out) if ns.out else Path(cfg.output_dir) / "evaluations" / subject.name
-    evaluate(cfg, subject, out)
+        evaluate(cfg, subject, Path(ns.out) if ns.out else Path(cfg.output_dir) / "evaluations" / subject.name)
     return 0
 
 

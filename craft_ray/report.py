@@ -88,8 +88,8 @@ def write_report(folder: Path, *, title: str, arms: Sequence[Arm], taus: Mapping
 
     md_path = folder / "report.md"
     html_path = folder / "report.html"
-    md_path.write_text(_markdown(title, notes, tables, figures), encoding="utf-8")
-    html_path.write_text(_html(title, notes, tables, figures), encoding="utf-8")
+    md_path.write_text(markdown_document(title, notes, tables, figures), encoding="utf-8")
+    html_path.write_text(html_document(title, notes, tables, figures), encoding="utf-8")
     return {"md": md_path, "html": html_path, "figures": fig_dir}
 
 
@@ -288,13 +288,16 @@ def _audit(fig_dir: Path, arm: Arm, slug: str) -> _Figure | None:
 # --------------------------------------------------------------------------------------------
 
 
-def _markdown(title: str, notes: Sequence[str], tables: Sequence[tuple[str, str]], figures: Sequence[_Figure]) -> str:
+def markdown_document(title: str, notes: Sequence[str], tables: Sequence[tuple[str, str]],
+                      figures: Sequence[_Figure] = ()) -> str:
+    """A Markdown page: title, notes, each (heading, pipe table) and, when there are any, figure links."""
     parts = [f"# {title}", ""]
     for note in notes:
         parts += [note, ""]
     for heading, table in tables:
         parts += [f"## {heading}", "", table.strip(), ""]
-    parts += ["## Figures", ""]
+    if figures:
+        parts += ["## Figures", ""]
     for fig in figures:
         parts += [f"![{fig.caption}](figures/{fig.path.name})", ""]
     return "\n".join(parts)
@@ -360,7 +363,9 @@ pre { background: #f6f6f6; padding: .6em; overflow-x: auto; }
 """
 
 
-def _html(title: str, notes: Sequence[str], tables: Sequence[tuple[str, str]], figures: Sequence[_Figure]) -> str:
+def html_document(title: str, notes: Sequence[str], tables: Sequence[tuple[str, str]],
+                  figures: Sequence[_Figure] = ()) -> str:
+    """The same page as one self-contained HTML file (tables as HTML, figures embedded as base64 PNG)."""
     esc = html.escape
     parts = ["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
              '<meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -369,7 +374,8 @@ def _html(title: str, notes: Sequence[str], tables: Sequence[tuple[str, str]], f
     parts += [f'<p class="note">{esc(note)}</p>' for note in notes]
     for heading, table in tables:
         parts += [f"<h2>{esc(heading)}</h2>", _table_html(table)]
-    parts.append("<h2>Figures</h2>")
+    if figures:
+        parts.append("<h2>Figures</h2>")
     for fig in figures:
         data = base64.b64encode(fig.path.read_bytes()).decode("ascii")
         parts.append(f'<figure id="fig-{esc(fig.name)}"><img alt="{esc(fig.caption)}" '

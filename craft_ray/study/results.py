@@ -7,7 +7,6 @@ Agreement between readers is computed on the pairs every reader (who answered at
 
 from __future__ import annotations
 
-import html
 import itertools
 import json
 from collections import defaultdict
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from craft_ray import report
 from craft_ray.study import stats
 from craft_ray.study.store import Store, Vote
 
@@ -105,15 +105,6 @@ def _p(p: float) -> str:
     return f"{p:.4f}" if p >= 1e-4 else f"{p:.1e}"
 
 
-def _table(rows: Sequence[Mapping[str, str]]) -> str:
-    if not rows:
-        return "(none)"
-    keys = list(rows[0])
-    cell = lambda v: str(v).replace("|", "\\|")  # noqa: E731
-    lines = ["| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(cell(r[k]) for k in keys) + " |" for r in rows])
-
-
 def tables(res: Mapping[str, Any]) -> list[tuple[str, list[dict[str, str]]]]:
     """(heading, rows of strings) of every results table, shared by the Markdown and HTML summaries."""
     arms = [{"arm": r["arm"], "votes": str(r["votes"]), "wins": str(r["wins"]), "losses": str(r["losses"]),
@@ -146,41 +137,22 @@ def _notes(meta: Mapping[str, Any], res: Mapping[str, Any]) -> list[str]:
             f"{res['votes']} votes. Win rates count decisive votes only; each vote (reader x pair) is one comparison.", *bt]
 
 
+def _document(meta: Mapping[str, Any], res: Mapping[str, Any]) -> tuple[str, list[str], list[tuple[str, str]]]:
+    """(title, notes, (heading, pipe table) pairs) of the results page."""
+    from craft_ray.evaluate import markdown_table
+
+    return (f"Reader study: {meta.get('name')}", _notes(meta, res),
+            [(heading, markdown_table(rows) or "(none)") for heading, rows in tables(res)])
+
+
 def markdown(meta: Mapping[str, Any], res: Mapping[str, Any]) -> str:
     """The results as Markdown (what ``study results`` prints and writes to results.md)."""
-    parts = [f"# Reader study: {meta.get('name')}", "", *_notes(meta, res), ""]
-    for heading, rows in tables(res):
-        parts += [f"## {heading}", "", _table(rows), ""]
-    return "\n".join(parts)
-
-
-_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; max-width: 1100px; margin: 2em auto;
-       padding: 0 1em; color: #1d1d1f; }
-p.note { background: #fff8e1; border-left: 4px solid #f0b400; padding: .5em .8em; }
-table { border-collapse: collapse; margin: 1em 0; font-size: .92em; }
-th, td { border: 1px solid #d0d0d0; padding: .3em .7em; }
-thead th { background: #f3f3f3; }
-"""
+    return report.markdown_document(*_document(meta, res))
 
 
 def html_page(meta: Mapping[str, Any], res: Mapping[str, Any]) -> str:
     """The results as one self-contained HTML file."""
-    esc = html.escape
-    parts = ["<!DOCTYPE html>", '<html lang="en">', '<head><meta charset="utf-8">',
-             f"<title>Reader study: {esc(str(meta.get('name')))}</title>", f"<style>{_CSS}</style></head>", "<body>",
-             f"<h1>Reader study: {esc(str(meta.get('name')))}</h1>"]
-    parts += [f'<p class="note">{esc(n)}</p>' for n in _notes(meta, res)]
-    for heading, rows in tables(res):
-        parts.append(f"<h2>{esc(heading)}</h2>")
-        if not rows:
-            parts.append("<p>(none)</p>")
-            continue
-        head = "".join(f"<th>{esc(k)}</th>" for k in rows[0])
-        body = "\n".join("<tr>" + "".join(f"<td>{esc(v)}</td>" for v in r.values()) + "</tr>" for r in rows)
-        parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table>")
-    parts += ["</body>", "</html>", ""]
-    return "\n".join(parts)
+    return report.html_document(*_document(meta, res))
 
 
 def write_results(folder: Path) -> tuple[dict[str, Any], dict[str, Path]]:
