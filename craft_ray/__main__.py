@@ -7,13 +7,10 @@ import sys
 
 from craft_ray.cli import COMMANDS
 
-# Modules that exist as libraries before their command line does.
-LIBRARY_ONLY: set[str] = set()
-
 
 def available(command: str) -> bool:
     """True when ``python -m craft_ray.<command>`` exists in this installation."""
-    return command not in LIBRARY_ONLY and importlib.util.find_spec(f"craft_ray.{command}") is not None
+    return importlib.util.find_spec(f"craft_ray.{command}") is not None
 
 
 def main(argv: list[str] | None = None) -> int:
