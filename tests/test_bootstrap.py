@@ -54,13 +54,79 @@ def test_auroc_by_hand() -> None:
     assert bootstrap.auroc([0.5, 0.5], [True, False]) == 0.5
 
 
-def test_soft_clip_loss_treats_equal_captions_as_positives() -> None:
-    # Two images with the same caption, embedded exactly at that caption, are already optimal:
-    # the soft targets put half the mass on each, so the loss has (almost) no gradient.
-    emb = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), dim=-1)
-    img = emb.clone().requires_grad_(True)
-    bootstrap._soft_clip_loss(img, emb, ["a", "a", "b"], torch.tensor(10.0)).backward()
-    assert img.grad.abs().max() < 1e-3
+def test_soft_clip_loss_treats_every_true_caption_as_positive() -> None:
+    # Images 0 and 1 share a label described in two wordings ("a", "a2"): both captions are true of both
+    # images, so both images get the same pull. Counting only the drawn pair as positive would pull image 0
+    # towards "a" and image 1 towards "a2", apart from each other.
+    txt = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8], [-1.0, 0.0]]), dim=-1)
+    captions = ["a", "a2", "b"]
+
+    def grads(truths: list[set[str]]) -> torch.Tensor:
+        img = torch.nn.functional.normalize(torch.tensor([[0.8, 0.4], [0.8, 0.4], [-1.0, 0.0]]), dim=-1)
+        img.requires_grad_(True)
+        bootstrap._soft_clip_loss(img, txt, truths, captions, torch.tensor(10.0)).backward()
+        return img.grad
+
+    multi = grads([{"a", "a2"}, {"a", "a2"}, {"b"}])
+    assert torch.allclose(multi[0], multi[1], atol=1e-6)
+    single = grads([{"a"}, {"a2"}, {"b"}])
+    assert (single[0] - single[1]).norm() > 0.5
+
+
+def test_bpe_tokenizer_survives_a_saved_pipeline(tmp_path: Path) -> None:
+    from craft_ray.models.diffusion import load_components, save_pipeline, tiny_components
+
+    comp = tiny_components(sample_size=8, tokenizer=bootstrap.bpe_tokenizer(512, max_length=32))
+    assert comp["text_encoder"].config.vocab_size == len(comp["tokenizer"]) == 512 + 514
+    assert comp["text_encoder"].config.max_position_embeddings == 32
+    save_pipeline(comp, tmp_path / "pipe")
+    merges = (tmp_path / "pipe" / "tokenizer" / "merges.txt").read_text().splitlines()
+    assert len(merges) == 1 + 512  # header + every merge, as the slow tokenizer of transformers 4.x reads
+    loaded = load_components(tmp_path / "pipe")["tokenizer"]
+    text = "a chest x-ray showing cardiomegaly"
+    assert loaded.tokenize(text) == comp["tokenizer"].tokenize(text)
+    assert len(loaded.tokenize(text)) < len(text.replace(" ", ""))  # merged into sub-words, not characters
+
+
+def test_base_captions_carry_no_label_information() -> None:
+    from craft_ray.modalities import MODALITIES
+
+    for m in MODALITY_NAMES:
+        captions = bootstrap.base_captions(m)
+        assert MODALITIES[m].caption in captions
+        # every label appears equally often, so a caption drawn for an image says nothing about its label
+        counts = [sum(p in captions for p in MODALITIES[m].prompts(lab)) for lab in MODALITIES[m].label_names()]
+        assert len(set(counts)) == 1 and counts[0] > 0
+
+
+def test_text_encoder_pretraining_learns_to_tell_labels_apart() -> None:
+    from craft_ray.models.diffusion import tiny_components
+    from craft_ray.modalities import MODALITIES
+
+    torch.manual_seed(0)
+    comp = tiny_components(sample_size=8, tokenizer=bootstrap.bpe_tokenizer(2048, max_length=24))
+    kn = load_shipped("cxr", "phantom")
+    batch = generate("cxr", 64, seed=0)
+    # a latent that encodes the label directly: the encoder only has to learn the text side
+    labels = MODALITIES["cxr"].label_names()
+    latents = torch.zeros(64, 4, 4, 4)
+    for i, y in enumerate(batch.labels):
+        latents[i, labels.index(y)] = 1.0
+    pools = [bootstrap.caption_pools("cxr", y, meta, kn) for y, meta in zip(batch.labels, batch.meta, strict=True)]
+    prompts = [MODALITIES["cxr"].prompts(lab)[0] for lab in labels]
+
+    def worst_pair_cosine() -> float:
+        with torch.no_grad():
+            ids = comp["tokenizer"](prompts, padding="max_length", max_length=24, return_tensors="pt").input_ids
+            e = torch.nn.functional.normalize(comp["text_encoder"](ids).pooler_output, dim=-1)
+        return float((e @ e.T - torch.eye(len(labels)) * 2).max())
+
+    before = worst_pair_cosine()
+    out = bootstrap.pretrain_text_encoder(comp["tokenizer"], comp["text_encoder"], latents, pools, steps=150,
+                                          batch=32, seed=0, prompt_share=1.0)
+    assert np.isfinite(out["final_loss_ema"])
+    assert not any(p.requires_grad for p in comp["text_encoder"].parameters())  # frozen afterwards
+    assert worst_pair_cosine() < min(before, 0.9)
 
 
 @pytest.mark.slow

@@ -446,9 +446,14 @@ def tiny_components(
     vae_channels: tuple[int, ...] = (16, 32, 32),
     prediction_type: str = "epsilon",
     scaling_factor: float = 0.18215,
+    tokenizer: CLIPTokenizer | None = None,
 ) -> dict[str, Any]:
-    """Randomly initialised tiny SD components (VAE factor 2**(len(vae_channels)-1); latents sample_size²×4)."""
-    tokenizer = tiny_tokenizer(max_text_length)
+    """Randomly initialised tiny SD components (VAE factor 2**(len(vae_channels)-1); latents sample_size²×4).
+
+    ``tokenizer`` defaults to a character-level one; the text encoder's vocabulary and length follow it.
+    """
+    tokenizer = tokenizer or tiny_tokenizer(max_text_length)
+    max_text_length = tokenizer.model_max_length
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         vae = AutoencoderKL(
@@ -521,10 +526,12 @@ def save_pipeline(components: dict[str, Any], out_dir: str | Path) -> Path:
 
 
 def _write_bpe_files(tokenizer: CLIPTokenizer, folder: Path) -> None:
-    """Also write vocab.json + (empty) merges.txt, which the slow CLIPTokenizer of transformers 4.x reads."""
+    """Also write vocab.json + merges.txt, which the slow CLIPTokenizer of transformers 4.x reads."""
     vocab = dict(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]))
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"].get("merges", [])
+    lines = [m if isinstance(m, str) else " ".join(m) for m in merges]
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(line + "\n" for line in lines))
 
 
 def make_tiny_pipeline(out_dir: str | Path, *, sample_size: int = 16, seed: int = 0, **kwargs: Any) -> Path:
