@@ -100,8 +100,8 @@ def test_base_captions_carry_no_label_information() -> None:
 
 
 def test_text_encoder_pretraining_learns_to_tell_labels_apart() -> None:
-    from craft_ray.models.diffusion import tiny_components
     from craft_ray.modalities import MODALITIES
+    from craft_ray.models.diffusion import tiny_components
 
     torch.manual_seed(0)
     comp = tiny_components(sample_size=8, tokenizer=bootstrap.bpe_tokenizer(2048, max_length=24))

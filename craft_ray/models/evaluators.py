@@ -409,8 +409,11 @@ def make_tiny_evaluator(
     context_length: int = 32,
     bpe_merges: int | None = None,
     seed: int = 0,
+    vision: dict[str, Any] | None = None,
 ) -> Path:
     """Write a tiny randomly initialised open_clip model of ``family`` (vit | convnet) as a local-dir folder.
+
+    ``vision`` overrides entries of the family's tiny vision config (e.g. another timm model name).
 
     ``bpe_merges=None`` keeps the full CLIP vocabulary (open_clip's SimpleTokenizer, 49408 tokens); an
     integer N writes a CLIP BPE cut to its first N merges into the folder (vocab N + 514), which makes
@@ -427,7 +430,7 @@ def make_tiny_evaluator(
         text_cfg["hf_tokenizer_name"] = f"clip-bpe-{bpe_merges}"
     model_cfg = {
         "embed_dim": embed_dim,
-        "vision_cfg": {"image_size": image_size, **_TINY_VISION[family]},
+        "vision_cfg": {"image_size": image_size, **_TINY_VISION[family], **(vision or {})},
         "text_cfg": text_cfg,
     }
     preprocess_cfg = {
