@@ -209,16 +209,15 @@ def bpe_tokenizer(merges: int = 8192, max_length: int = 77):
         return CLIPTokenizer.from_pretrained(tmp, model_max_length=max_length)
 
 
-def pretrain_text_encoder(tokenizer, text_encoder, latents: torch.Tensor,
-                          pools: Sequence[tuple[Sequence[str], Sequence[str]]], *, steps: int, batch: int, seed: int,
-                          lr: float = 2e-3, prompt_share: float = 0.5) -> dict:
+def pretrain_text_encoder(tokenizer, text_encoder, latents: torch.Tensor, captions: Captions, *, steps: int,
+                          batch: int, seed: int, lr: float = 2e-3, prompt_share: float = 0.5) -> dict:
     """CLIP-style contrastive pretraining of the diffusion text encoder against a small latent-image encoder.
 
     This stands in for the web-scale CLIP pretraining of Stable Diffusion's text encoder: afterwards the
     encoder maps label words and statements to distinct, image-grounded features, while the base UNet,
     trained next with a frozen encoder and modality-level captions, never learns what they look like.
-    ``pools[i]`` are the true (prompts, statements) of image i (see ``caption_pools``); each step draws a
-    prompt for ``prompt_share`` of the images and a statement for the rest. The image side is discarded.
+    ``captions`` holds the true captions of each latent's image; each step draws a prompt for
+    ``prompt_share`` of the images and a statement for the rest. The image side is discarded.
     """
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
@@ -240,14 +239,13 @@ def pretrain_text_encoder(tokenizer, text_encoder, latents: torch.Tensor,
     for step in bar:
         _cosine_lr(opt, lr, step, steps)
         idx = torch.randint(0, len(latents), (batch,), generator=gen).tolist()
-        chosen = [pools[i][0] if rng.random() < prompt_share else pools[i][1] for i in idx]
-        captions = [pool[rng.integers(len(pool))] for pool in chosen]
-        ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        texts = captions.draw(idx, rng, prompt_share)
+        ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
         txt = F.normalize(projection(text_encoder(ids).pooler_output), dim=-1)
         img = F.normalize(image_encoder(latents[idx]), dim=-1)
-        truths = [frozenset(pools[i][0]) | frozenset(pools[i][1]) for i in idx]
-        loss = _soft_clip_loss(img, txt, truths, captions, log_scale.exp().clamp(max=100))
+        truths = [captions.truths[i] for i in idx]
+        loss = _soft_clip_loss(img, txt, truths, texts, log_scale.exp().clamp(max=100))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -272,16 +270,19 @@ def train_base_unet(components: dict, latents: tuple[torch.Tensor, torch.Tensor]
                     min_snr_gamma: float | None = 5.0) -> dict:
     """Noise-prediction training of the UNet (text encoder frozen) on modality-level captions only.
 
-    ``min_snr_gamma`` weights each timestep's loss by min(SNR, gamma) / SNR (Hang et al., 2023), which
-    converges several times faster than the plain loss; None trains with the plain loss.
+    ``min_snr_gamma`` weights each timestep's loss by min(SNR, gamma) / SNR (Hang et al., 2023, who report
+    faster convergence; not ablated here); None trains with the plain loss.
     """
     unet, text_encoder = components["unet"], components["text_encoder"]
     tokenizer, scheduler = components["tokenizer"], components["scheduler"]
     gen = torch.Generator().manual_seed(seed)
     mean, std = latents
-    pools = {m: base_captions(m) for m in sorted(set(modality))}
-    texts = [t for m in pools for t in pools[m]] + [""]
-    first = {m: sum(len(pools[k]) for k in list(pools)[:j]) for j, m in enumerate(pools)}
+    texts: list[str] = []
+    rows_of: dict[str, list[int]] = {}  # modality -> its captions' rows in ``texts``
+    for m in sorted(set(modality)):
+        rows_of[m] = list(range(len(texts), len(texts) + len(base_captions(m))))
+        texts += base_captions(m)
+    texts.append("")  # the unconditional row, last
     with torch.no_grad():  # the frozen encoder's embeddings of every caption, computed once
         table = torch.cat([embed_prompts(tokenizer, text_encoder, texts[i:i + 64]) for i in range(0, len(texts), 64)])
     alphas = scheduler.alphas_cumprod
@@ -297,7 +298,7 @@ def train_base_unet(components: dict, latents: tuple[torch.Tensor, torch.Tensor]
         noise = torch.randn(latent.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
         pick = torch.randint(0, 1 << 30, (batch,), generator=gen).tolist()
-        rows = [first[modality[i]] + p % len(pools[modality[i]]) for i, p in zip(idx.tolist(), pick, strict=True)]
+        rows = [rows_of[modality[i]][p % len(rows_of[modality[i]])] for i, p in zip(idx.tolist(), pick, strict=True)]
         drop = torch.rand(batch, generator=gen) < cond_dropout
         cond = table[torch.where(drop, len(texts) - 1, torch.tensor(rows))]
         pred = unet(scheduler.add_noise(latent, noise, t), t, encoder_hidden_states=cond).sample
@@ -360,6 +361,25 @@ def caption_pools(m: str, label: str, meta: dict, knowledge: Knowledge) -> tuple
     return prompts, statements
 
 
+@dataclass
+class Captions:
+    """Every image's true captions: (prompts, statements) pools, and their union for the loss's positives."""
+
+    pools: list[tuple[list[str], list[str]]]
+    truths: list[frozenset[str]]
+
+    @classmethod
+    def of(cls, corpus: Corpus, knowledge: dict[str, Knowledge]) -> Captions:
+        pools = [caption_pools(m, y, meta, knowledge[m])
+                 for m, y, meta in zip(corpus.modality, corpus.label, corpus.meta, strict=True)]
+        return cls(pools, [frozenset(prompts) | frozenset(statements) for prompts, statements in pools])
+
+    def draw(self, idx: Sequence[int], rng: np.random.Generator, prompt_share: float) -> list[str]:
+        """One caption per image: a label prompt with probability ``prompt_share``, else a statement."""
+        chosen = [self.pools[i][0] if rng.random() < prompt_share else self.pools[i][1] for i in idx]
+        return [pool[rng.integers(len(pool))] for pool in chosen]
+
+
 def _soft_clip_loss(img: torch.Tensor, txt: torch.Tensor, truths: Sequence[set[str] | frozenset[str]],
                     captions: Sequence[str], scale: torch.Tensor) -> torch.Tensor:
     """Symmetric CLIP loss with every caption in the batch that is true of an image as a positive.
@@ -374,14 +394,11 @@ def _soft_clip_loss(img: torch.Tensor, txt: torch.Tensor, truths: Sequence[set[s
     return 0.5 * (image_to_text + text_to_image)
 
 
-def train_evaluator(evaluator, corpus: Corpus, knowledge: dict[str, Knowledge], *, steps: int, batch: int,
-                    seed: int, lr: float = 2e-3, prompt_share: float = 0.5) -> dict:
+def train_evaluator(evaluator, corpus: Corpus, captions: Captions, *, steps: int, batch: int, seed: int,
+                    lr: float = 2e-3, prompt_share: float = 0.5) -> dict:
     """Contrastive training of an open_clip evaluator on phantom images + distractor images."""
     gen = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
-    pools = [caption_pools(m, y, meta, knowledge[m])
-             for m, y, meta in zip(corpus.modality, corpus.label, corpus.meta, strict=True)]
-    truth = [frozenset(prompts) | frozenset(statements) for prompts, statements in pools]
     evaluator.set_trainable(True)
     model = evaluator.model
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.05)
@@ -397,12 +414,11 @@ def train_evaluator(evaluator, corpus: Corpus, knowledge: dict[str, Knowledge], 
         flip = torch.rand(len(x), generator=gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
         # Half label prompts (what the CAS label dimension asks), half checklist statements.
-        chosen = [pools[i][0] if rng.random() < prompt_share else pools[i][1] for i in idx]
-        captions = [pool[rng.integers(len(pool))] for pool in chosen] + d_cap
+        texts = captions.draw(idx, rng, prompt_share) + d_cap
         img = evaluator.encode_images(x)
-        txt = evaluator.encode_texts(captions)
-        truths = [truth[i] for i in idx] + [{c} for c in d_cap]
-        loss = _soft_clip_loss(img, txt, truths, captions, model.logit_scale.exp().clamp(max=100))
+        txt = evaluator.encode_texts(texts)
+        truths = [captions.truths[i] for i in idx] + [{c} for c in d_cap]
+        loss = _soft_clip_loss(img, txt, truths, texts, model.logit_scale.exp().clamp(max=100))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -528,16 +544,15 @@ def train_parts(cfg: BootstrapConfig, parts: Sequence[str]) -> dict:
     report: dict = {}
     knowledge = {m: load_shipped(m, "phantom") for m in MODALITY_NAMES}
     corpus = _timed(report, "data", lambda: phantom_corpus(cfg.n_per_modality, cfg.size, cfg.seed))
+    captions = Captions.of(corpus, knowledge)
 
     if "diffusion" in parts:
         comp = tiny_components(sample_size=cfg.size // 4, seed=cfg.seed, tokenizer=bpe_tokenizer())
         report["vae"] = _timed(report, "vae", lambda: train_vae(comp["vae"], corpus.pixels, steps=cfg.vae_steps,
                                                                 batch=cfg.batch, seed=cfg.seed))
         latents = latent_stats(comp["vae"], corpus.pixels)
-        pools = [caption_pools(m, y, meta, knowledge[m])
-                 for m, y, meta in zip(corpus.modality, corpus.label, corpus.meta, strict=True)]
         report["text_encoder"] = _timed(report, "text_encoder", lambda: pretrain_text_encoder(
-            comp["tokenizer"], comp["text_encoder"], latents[0], pools, steps=cfg.text_steps,
+            comp["tokenizer"], comp["text_encoder"], latents[0], captions, steps=cfg.text_steps,
             batch=cfg.evaluator_batch, seed=cfg.seed))
         report["unet"] = _timed(report, "unet", lambda: train_base_unet(
             comp, latents, corpus.modality, steps=cfg.unet_steps, batch=cfg.batch, seed=cfg.seed))
@@ -552,7 +567,7 @@ def train_parts(cfg: BootstrapConfig, parts: Sequence[str]) -> dict:
                                      context_length=48, seed=cfg.seed, vision=TINY_WORLD_VISION.get(family))
         ev = load_evaluator(EvaluatorConfig(model=f"local-dir:{folder}", family=family))
         report[part] = _timed(report, part, lambda ev=ev: train_evaluator(
-            ev, corpus, knowledge, steps=cfg.evaluator_steps, batch=cfg.evaluator_batch, seed=cfg.seed))
+            ev, corpus, captions, steps=cfg.evaluator_steps, batch=cfg.evaluator_batch, seed=cfg.seed))
         ev.save(folder)
         report[part]["zero_shot_label_accuracy"] = zero_shot_accuracy(
             load_evaluator(EvaluatorConfig(model=f"local-dir:{folder}", family=family)), knowledge, cfg.n_eval, 10_000 + cfg.seed)

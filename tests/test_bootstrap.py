@@ -112,7 +112,8 @@ def test_text_encoder_pretraining_learns_to_tell_labels_apart() -> None:
     latents = torch.zeros(64, 4, 4, 4)
     for i, y in enumerate(batch.labels):
         latents[i, labels.index(y)] = 1.0
-    pools = [bootstrap.caption_pools("cxr", y, meta, kn) for y, meta in zip(batch.labels, batch.meta, strict=True)]
+    corpus = bootstrap.Corpus(bootstrap.to_tensor(batch.images), ["cxr"] * 64, batch.labels, batch.meta)
+    captions = bootstrap.Captions.of(corpus, {"cxr": kn})
     prompts = [MODALITIES["cxr"].prompts(lab)[0] for lab in labels]
 
     def worst_pair_cosine() -> float:
@@ -122,7 +123,7 @@ def test_text_encoder_pretraining_learns_to_tell_labels_apart() -> None:
         return float((e @ e.T - torch.eye(len(labels)) * 2).max())
 
     before = worst_pair_cosine()
-    out = bootstrap.pretrain_text_encoder(comp["tokenizer"], comp["text_encoder"], latents, pools, steps=150,
+    out = bootstrap.pretrain_text_encoder(comp["tokenizer"], comp["text_encoder"], latents, captions, steps=150,
                                           batch=32, seed=0, prompt_share=1.0)
     assert np.isfinite(out["final_loss_ema"])
     assert not any(p.requires_grad for p in comp["text_encoder"].parameters())  # frozen afterwards
