@@ -264,18 +264,21 @@ def build_reference_bank(
 
 
 def reference_bank(path: str | Path, evaluator, knowledge_version: str, real: Callable[[], tuple[torch.Tensor, list[str]]],
-                   *, k: int, batch: int = 128) -> ReferenceBank:
+                   *, k: int, batch: int = 128, evaluator_id: str | None = None) -> ReferenceBank:
     """The realism bank stored at ``path``: built once from ``real()`` -> (images [N,3,H,W], labels), then reused.
 
-    A stored bank of another evaluator or knowledge version is an error (delete it to rebuild).
+    ``evaluator_id`` names the evaluator in the bank's provenance (default: ``evaluator.identity()``,
+    its id and a digest of its weights). A stored bank of another evaluator, other weights or another
+    knowledge version is an error (delete it to rebuild).
     """
     path = Path(path)
+    evaluator_id = evaluator_id or evaluator.identity()
     if path.is_file():
-        return ReferenceBank.load(path, evaluator_id=evaluator.id, knowledge_version=knowledge_version)
+        return ReferenceBank.load(path, evaluator_id=evaluator_id, knowledge_version=knowledge_version)
     images, labels = real()
     with torch.no_grad():
         emb = torch.cat([evaluator.encode_images(images[i:i + batch]) for i in range(0, len(images), batch)])
-    bank = build_reference_bank(emb, labels, k=k, evaluator_id=evaluator.id, knowledge_version=knowledge_version)
+    bank = build_reference_bank(emb, labels, k=k, evaluator_id=evaluator_id, knowledge_version=knowledge_version)
     bank.save(path)
     return bank
 

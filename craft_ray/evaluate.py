@@ -6,7 +6,7 @@ the sweep. The pieces:
 - :class:`ScoringSetup` holds one evaluator's CAS machinery for a modality: the evaluator, its text
   embeddings, the realism reference bank (real training images) and the tail threshold tau_q
   (q-quantile of CAS over held-out real images). Banks and thresholds are computed once per
-  (data, evaluator, knowledge version) and cached under ``data.cache_dir``.
+  (data, evaluator id and weights, knowledge version) and cached under ``data.cache_dir``.
 - :func:`generate` draws images for (prompt, seed) pairs; the initial noise of an image depends on
   its seed only, so a fixed seed set gives the same images whatever the batch size.
 - :func:`score_images` computes every per-image score; :func:`summarise` and :func:`compare_table`
@@ -99,22 +99,23 @@ class ScoringSetup:
         evaluator = load_evaluator(ev_cfg, device)
         texts = cas.build_texts(evaluator, knowledge, cfg.modality, cfg.data.dataset)
         manifest = manifest if manifest is not None else load_dataset(cfg)
-        folder = Path(cfg.data.cache_dir) / "cas" / _data_id(cfg) / f"{_slug(evaluator.id)}-{knowledge.content_hash()}"
-        kv = knowledge.content_hash()
+        digest, kv = evaluator.weights_digest(), knowledge.content_hash()  # same path, new weights: a new cache
+        identity = f"{evaluator.id}@{digest}"
+        folder = Path(cfg.data.cache_dir) / "cas" / _data_id(cfg) / f"{_slug(evaluator.id)}-{digest}-{kv}"
         bank = cas.reference_bank(folder / "bank.safetensors", evaluator, kv, lambda: real_images(manifest, cfg, "train"),
-                                  k=int(cfg.cas.realism_k))
+                                  k=int(cfg.cas.realism_k), evaluator_id=identity)
         scorer = cas.CASScorer(evaluator, texts, bank)
         weights = cas.check_weights(dict(cfg.cas.weights))
         q = float(cfg.cas.q)
         tpath = folder / f"threshold_q{q:g}_{cas.weights_key(weights)}.json"
         if tpath.is_file():
-            threshold = cas.Threshold.load(tpath, evaluator_id=evaluator.id, knowledge_version=kv, q=q, weights=weights)
+            threshold = cas.Threshold.load(tpath, evaluator_id=identity, knowledge_version=kv, q=q, weights=weights)
         else:
             images, labels = real_images(manifest, cfg, held_out_split(manifest))
             with torch.no_grad():
                 real_cas = torch.cat([scorer.score(images[i:i + 64], labels[i:i + 64], weights)[0]
                                       for i in range(0, len(labels), 64)])
-            threshold = cas.compute_threshold(real_cas, q, modality=cfg.modality, evaluator_id=evaluator.id,
+            threshold = cas.compute_threshold(real_cas, q, modality=cfg.modality, evaluator_id=identity,
                                               knowledge_version=kv, weights=weights)
             threshold.save(tpath)
         return ScoringSetup(which, scorer, threshold)

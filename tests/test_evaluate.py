@@ -106,6 +106,30 @@ def test_merge_scores_and_checklist_audit():
     assert failed["judge_items"] == {}
 
 
+def test_banks_and_thresholds_follow_the_evaluator_weights_not_its_path(micro_world, tmp_path):
+    """Regenerating a world rewrites evaluator weights at the same path: the cached bank must not be reused."""
+    import shutil
+
+    from craft_ray.models.evaluators import make_tiny_evaluator
+
+    world = tmp_path / "world"
+    shutil.copytree(micro_world, world)
+    cfg = micro_cfg(world, tmp_path)
+    know = ev.load_knowledge_for(cfg)
+    manifest = load_dataset(cfg)
+    first = ev.ScoringSetup.build(cfg, "train", know, manifest=manifest)
+    assert ev.ScoringSetup.build(cfg, "train", know, manifest=manifest).threshold.tau == first.threshold.tau
+    shutil.rmtree(world / "evaluator_vit")
+    make_tiny_evaluator(world / "evaluator_vit", "vit", seed=7, image_size=32, bpe_merges=2000)  # same path
+    second = ev.ScoringSetup.build(cfg, "train", know, manifest=manifest)
+    assert second.evaluator.id == first.evaluator.id
+    assert second.scorer.bank.evaluator_id != first.scorer.bank.evaluator_id
+    assert second.threshold.tau != first.threshold.tau
+    lab = sorted(first.scorer.bank.embeddings)[0]
+    assert not torch.allclose(second.scorer.bank.embeddings[lab], first.scorer.bank.embeddings[lab])
+    assert len(list((tmp_path / "cache" / "cas").glob("*/*"))) == 2  # one cache folder per weights
+
+
 def test_scores_round_trip(tmp_path):
     scores = {"labels": ["a", "b"], "train_cas": np.array([0.1, 0.9]), "embedding": np.ones((2, 4), np.float32),
               "judge_items": {}}

@@ -17,6 +17,7 @@ reward's gradient reaches the generated pixels.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -171,6 +172,24 @@ class Evaluator:
 
     def __repr__(self) -> str:
         return f"Evaluator(id={self.id!r}, family={self.family!r}, image_size={self.image_size})"
+
+    def weights_digest(self) -> str:
+        """SHA-256 (16 hex digits) of the model's weights: names, dtypes, shapes and values.
+
+        Caches of evaluator outputs (realism banks, tail thresholds) are keyed by it as well as by
+        :attr:`id`, because an id such as ``local-dir:PATH`` or a hub name can point at new weights
+        (a regenerated tiny world, a moved hub revision). One pass over the weights (~1 s per GB).
+        """
+        h = hashlib.sha256()
+        for name, t in sorted(self.model.state_dict().items()):
+            t = t.detach().cpu().contiguous().reshape(-1)  # 0-d tensors (logit_scale) cannot be viewed as bytes
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()[:16]
+
+    def identity(self) -> str:
+        """``id@digest``: what a cached bank or threshold must have been built with to be reused."""
+        return f"{self.id}@{self.weights_digest()}"
 
     @property
     def device(self) -> torch.device:
