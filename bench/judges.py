@@ -1,9 +1,13 @@
 """Benchmark: /v1/judge throughput and latency over real HTTP, batched vs unbatched, on a local Ray + Serve.
 
-Each request judges 1 or 4 images (64x64) against the knowledge checklist of cxr/cardiomegaly (one
+Each request judges 1, 4 or 8 images (64x64) against the knowledge checklist of cxr/cardiomegaly (one
 (image, question) pair per image and item): 1 image per request is the worst case for batching (HTTP
-and Serve overhead per image is highest), 4 is closer to training evaluations, which send many images. The judge runs with ``max_batch_size`` pairs per forward pass
-(batched, ``judges.max_batch_size``) and with ``max_batch_size=1`` (unbatched); for each, closed-loop
+and Serve overhead per image is highest); 8 is what a training run of the tiny profile sends (its
+periodic evaluation judges ``train.eval_images_per_label`` = 8 images of a label per request). The
+engine alone is also timed (``engine_only``): P(yes) of one pair per call vs a full batch per call,
+in one process, which bounds what batching can gain over HTTP. The judge runs with the embedded
+default's ``judges.max_batch_size`` pairs per forward pass (batched) and with ``max_batch_size=1``
+(unbatched); for each, closed-loop
 clients at concurrency 1, 8 and 32 send requests for a fixed time. Reported: images/s, p50/p99
 latency in ms, failures. The shipped tiny judge is used when present, else an untrained one (same
 architecture and cost). Writes ``bench/results/judges.json``.
@@ -26,9 +30,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 CONCURRENCY = (1, 8, 32)
 SECONDS = 8.0  # measured window per (mode, images per request, concurrency), after a warm-up
-IMAGES_PER_REQUEST = (1, 4)
+IMAGES_PER_REQUEST = (1, 4, 8)
 WARMUP_S = 3.0
-BATCHED = 16  # pairs per forward pass in the batched mode
 OUT = Path(__file__).parent / "results" / "judges.json"
 
 
@@ -73,6 +76,34 @@ def _load(url: str, images: list[str], concurrency: int, seconds: float, per_req
             "p99_ms": float(np.percentile(lat, 99)), "seconds": elapsed}
 
 
+def _engine_only(model: str, checklist: list[str], batched: int) -> dict:
+    """P(yes) pairs/s of the judge's engine in this process: one pair per call vs ``batched`` pairs per call."""
+    import torch
+    from omegaconf import OmegaConf
+    from PIL import Image
+
+    from craft_ray.config import load_config
+    from craft_ray.models.engines import make_engine
+
+    torch.set_num_threads(1)  # as in a replica (OMP_NUM_THREADS=1)
+    cfg = load_config(None, [f"judges.engine.model={model}", f"judges.engine.batch_size={batched}"])
+    engine = make_engine(OmegaConf.create(OmegaConf.to_container(cfg.judges.engine, resolve=True)))
+    rng = np.random.RandomState(1)
+    images = [Image.fromarray(rng.randint(0, 255, (64, 64, 3), dtype=np.uint8)) for _ in range(batched)]
+    questions = [checklist[i % len(checklist)] for i in range(batched)]
+    out = {}
+    for name, size in (("unbatched", 1), ("batched", batched)):
+        engine.p_yes(images[:size], questions[:size])  # warm-up
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 3.0:
+            for i in range(0, batched, size):
+                engine.p_yes(images[i:i + size], questions[i:i + size])
+            n += batched
+        out[f"{name}_pairs_per_s"] = n / (time.perf_counter() - t0)
+    out["batched_vs_unbatched"] = out["batched_pairs_per_s"] / out["unbatched_pairs_per_s"]
+    return out
+
+
 def main() -> None:
     import ray
     from PIL import Image
@@ -93,15 +124,19 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     rng = np.random.RandomState(0)
     images = [encode_image(Image.fromarray(rng.randint(0, 255, (64, 64, 3), dtype=np.uint8))) for _ in range(64)]
-    items = len(load_shipped("cxr", "phantom").checklist("cardiomegaly"))
+    checklist = [it.question for it in load_shipped("cxr", "phantom").checklist("cardiomegaly")]
+    items = len(checklist)
+    batched = int(load_config().judges.max_batch_size)  # the embedded default's batch size, in pairs
+    engine_only = _engine_only(model, checklist, batched)  # before Ray starts: nothing else is running
+    print(f"engine only: {engine_only}", flush=True)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     rows = []
     try:
-        for mode, size in (("batched", BATCHED), ("unbatched", 1)):
+        for mode, size in (("batched", batched), ("unbatched", 1)):
             cfg = load_config(None, [f"judges.engine.model={model}", f"judges.max_batch_size={size}",
-                                     f"judges.engine.batch_size={BATCHED}", "judges.replica_cpus=0.1"])
+                                     f"judges.engine.batch_size={batched}", "judges.replica_cpus=0.1"])
             serve.run(application(cfg), name=cfg.judges.app_name, route_prefix="/")
             wait_healthy(url)
             _load(url, images, 8, WARMUP_S)
@@ -121,6 +156,7 @@ def main() -> None:
         "what": f"/v1/judge over HTTP, {IMAGES_PER_REQUEST} images (64x64) x {items} checklist items per request, "
                 f"local Ray + Serve on {os.cpu_count()} CPUs shared with the load generator, {which}; "
                 f"closed-loop clients, {SECONDS:.0f} s per level; load average before: {load_before:.1f}",
+        "engine_only": engine_only,
         "rows": rows,
         "batched_vs_unbatched_throughput_at_32": {
             f"{n}_images_per_request": by[("batched", n, 32)] / by[("unbatched", n, 32)] for n in IMAGES_PER_REQUEST},

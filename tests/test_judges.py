@@ -434,13 +434,16 @@ def test_batched_and_unbatched_judging_agree(judges, engine):
             results = list(pool.map(lambda img: client.judge("derm", "melanoma", [img])[0], images))
         return np.array([[s["p_yes"] for s in res["items"]] for res in results])
 
-    judges.deploy()
+    judges.deploy(max_batch_size=16)  # smaller than the tiny profile's 64: a 8-image request spans batches
     before = judges.judge_stats()
     batched = run_all()
     after = judges.judge_stats()
     pairs, batches = after["pairs"] - before["pairs"], after["batches"] - before["batches"]
     assert pairs == 12 * len(questions)
     assert pairs / batches > len(questions)  # pairs of different requests shared forward passes
+    many = judges.client().judge("derm", "melanoma", images)  # one request, more pairs than max_batch_size
+    assert len(images) * len(questions) > 16 and judges.judge_stats()["largest_batch"] <= 16
+    np.testing.assert_allclose(np.array([[s["p_yes"] for s in res["items"]] for res in many]), ref, atol=1e-5)
     judges.deploy(max_batch_size=1)  # replaces the replicas: imperative serve.run redeploys in full
     base = judges.judge_stats()
     unbatched = run_all()

@@ -173,14 +173,18 @@ class ChecklistBuilder(_EngineHost):
 class ChecklistJudge(_EngineHost):
     """P(yes | image, question) batched across requests, plus chat generation for /v1/chat/completions.
 
-    The unit of batching is one (image, question) pair: ``user_config`` ``max_batch_size`` pairs run
-    in one engine call; ``max_batch_size=1`` switches batching off. It is a user_config, so
-    ``serve deploy`` of a changed config file applies it to running replicas without a restart.
+    Batches are counted in (image, question) pairs: ``user_config`` ``max_batch_size`` pairs run in
+    one engine call; ``max_batch_size=1`` switches batching off. A call's pairs enter the batch queue
+    as chunks of at most ``max_batch_size`` pairs (one queue entry per chunk, not per pair: less
+    asyncio work per request), and ``batch_size_fn`` makes the queue fill batches by pairs. It is a
+    user_config, so ``serve deploy`` of a changed config file applies it to running replicas
+    without a restart.
     """
 
     def __init__(self, engine_cfg: dict) -> None:
         super().__init__(engine_cfg)
         self._stats = {"batches": 0, "pairs": 0, "largest_batch": 0}
+        self._max_pairs = 16
 
     def reconfigure(self, user_config: dict) -> None:
         """Apply ``{max_batch_size, batch_wait_timeout_s}`` (Serve calls this on deploy and on updates)."""
@@ -189,22 +193,32 @@ class ChecklistJudge(_EngineHost):
             raise UserError(f"ChecklistJudge user_config max_batch_size must be a positive integer, got {size!r}")
         if not isinstance(wait, (int, float)) or wait < 0:
             raise UserError(f"ChecklistJudge user_config batch_wait_timeout_s must be >= 0 seconds, got {wait!r}")
-        self._pair.set_max_batch_size(size)
-        self._pair.set_batch_wait_timeout_s(float(wait))
+        self._chunks.set_max_batch_size(size)
+        self._chunks.set_batch_wait_timeout_s(float(wait))
+        self._max_pairs = size
 
     async def p_yes(self, images: list[Image.Image], questions: list[str]) -> list[float]:
         """P(yes) per (image, question) pair; pairs of concurrent calls share engine batches."""
         if len(images) != len(questions):
             raise UserError(f"{len(images)} images but {len(questions)} questions; pass one question per image")
-        return list(await asyncio.gather(*(self._pair((img, q)) for img, q in zip(images, questions, strict=True))))
+        pairs = list(zip(images, questions, strict=True))
+        size = self._max_pairs
+        chunks = await asyncio.gather(*(self._chunks(pairs[i:i + size]) for i in range(0, len(pairs), size)))
+        return [p for chunk in chunks for p in chunk]
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)  # replaced by reconfigure()
-    async def _pair(self, pairs: list[tuple[Image.Image, str]]) -> list[float]:
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02,  # replaced by reconfigure()
+                 batch_size_fn=lambda chunks: sum(len(c) for c in chunks))
+    async def _chunks(self, chunks: list[list[tuple[Image.Image, str]]]) -> list[list[float]]:
+        pairs = [p for chunk in chunks for p in chunk]
         values = await self._run(self.engine.p_yes, [p[0] for p in pairs], [p[1] for p in pairs])
         self._stats["batches"] += 1
         self._stats["pairs"] += len(pairs)
         self._stats["largest_batch"] = max(self._stats["largest_batch"], len(pairs))
-        return values
+        out, start = [], 0
+        for chunk in chunks:
+            out.append(values[start:start + len(chunk)])
+            start += len(chunk)
+        return out
 
     async def generate(self, messages: list[dict], kwargs: dict) -> Completion:
         """One chat completion (OpenAI semantics) from the judge's engine."""

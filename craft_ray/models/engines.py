@@ -438,6 +438,7 @@ class TransformersEngine(LLMEngine):
         self._texts: list[str | None] | None = None
         self._yes_no: tuple[torch.Tensor, torch.Tensor] | None = None
         self._constraints: dict[str, TokenConstraint] = {}
+        self._yes_no_prompts: dict[str, str] = {}
 
     @classmethod
     def from_config(cls, cfg: EngineConfig | DictConfig) -> TransformersEngine:
@@ -473,10 +474,27 @@ class TransformersEngine(LLMEngine):
                 out.append({"role": msg["role"], "content": parts})
         return out, images
 
-    def _encode(self, conversations: list[list[dict]], images: list[Image.Image]) -> dict[str, torch.Tensor]:
-        """Model inputs for chat conversations, right-padded (so a prefix is computed as if alone)."""
-        prompts = [self.processor.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-                   for c in conversations]
+    def _render(self, conversation: list[dict]) -> str:
+        return self.processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+
+    def _yes_no_prompt(self, question: str) -> str:
+        """The rendered chat prompt of a yes/no question about one image, kept per question: a judge
+        asks the same few checklist questions of every image."""
+        prompt = self._yes_no_prompts.get(question)
+        if prompt is None:
+            if len(self._yes_no_prompts) >= 4096:
+                self._yes_no_prompts.clear()
+            prompt = self._render([{"role": "user", "content": [{"type": "image"},
+                                                               {"type": "text", "text": yes_no_text(question)}]}])
+            self._yes_no_prompts[question] = prompt
+        return prompt
+
+    def _encode(self, conversations: list[list[dict]], images: list[Image.Image],
+                prompts: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Model inputs for chat conversations (or their already rendered ``prompts``), right-padded (so a
+        prefix is computed as if alone)."""
+        if prompts is None:
+            prompts = [self._render(c) for c in conversations]
         kwargs: dict[str, Any] = {"text": prompts, "return_tensors": "pt", "padding": True,
                                   "add_special_tokens": False}
         if images:
@@ -570,10 +588,8 @@ class TransformersEngine(LLMEngine):
             raise UserError(f"judge model {self.model_id!r} is text-only; P(yes) about images needs a VLM")
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
-        conversations = [[{"role": "user", "content": [{"type": "image"},
-                                                       {"type": "text", "text": yes_no_text(q)}]}]
-                         for q in questions]
-        inputs = self._encode(conversations, [img.convert("RGB") for img in images])
+        inputs = self._encode([], [img.convert("RGB") for img in images],
+                              prompts=[self._yes_no_prompt(q) for q in questions])
         logits = self.model(**inputs).logits  # [B, L, V]
         last = inputs["attention_mask"].sum(dim=1) - 1  # right padding: last real position per row
         return torch.log_softmax(logits[torch.arange(len(questions), device=self.device), last].float(), dim=-1)
