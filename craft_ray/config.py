@@ -145,6 +145,7 @@ class CASConfig:
 class RewardConfig:
     weights: CASWeights = field(default_factory=CASWeights)  # reward weights (simplex) of the CAS dimensions
     beta: float = 0.5  # weight of the diffusion loss on a real batch (anti reward hacking)
+    form: str = "cas"  # cas: sum_i w_i dim_i (the CAS itself); log: sum_i w_i log(dim_i + 1e-4)
 
 
 @dataclass
@@ -261,6 +262,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.mixed_precision": ("no", "fp16", "bf16"),
     "judges.engine.kind": ("transformers", "openai", "vllm"),
     "train.hacking_action": ("warn", "stop", "rollback"),
+    "reward.form": ("cas", "log"),
     "evaluation.embedding": ("train", "ood"),
 }
 

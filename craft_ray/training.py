@@ -338,7 +338,8 @@ def run_stage(config: dict, session: Session) -> StageState:
         setups["train"] = ev.ScoringSetup.build(cfg, "train", knowledge, device, manifest)
     if rank == 0:
         setups["ood"] = ev.ScoringSetup.build(cfg, "ood", knowledge, device, manifest)
-    reward_fn = make_reward(dict(cfg.reward.weights), setups["train"].scorer) if stage == "craft" else None
+    reward_fn = (make_reward(dict(cfg.reward.weights), setups["train"].scorer, str(cfg.reward.form))
+                 if stage == "craft" else None)
     pool = craft_prompt_pool(cfg, knowledge, config.get("extra_prompts"))
     labels_cycle = get_modality(cfg.modality).label_names(cfg.data.dataset)
 

@@ -197,6 +197,25 @@ def test_reward_gradient_matches_finite_differences(evaluator, texts, bank) -> N
         assert float(x.grad[idx]) == pytest.approx(float(fd), rel=1e-4, abs=1e-8)
 
 
+def test_log_reward_is_the_weighted_log_of_the_dimensions_and_keeps_realism_gradient(evaluator, texts, bank
+                                                                                    ) -> None:
+    scorer = cas.CASScorer(evaluator, texts, bank)
+    x, labels = images_and_labels(4, seed=8)
+    meta = [{"label": y} for y in labels]
+    linear, info = make_reward(EQUAL, scorer)(x, ["p"] * 4, meta)
+    logged, _ = make_reward(EQUAL, scorer, form="log")(x, ["p"] * 4, meta)
+    torch.testing.assert_close(linear, sum(0.25 * info[d] for d in cas.DIMENSIONS))
+    torch.testing.assert_close(logged, sum(0.25 * torch.log(info[d] + 1e-4) for d in cas.DIMENSIONS))
+    # A realism near 0 (sigmoid far in its tail): the log form's gradient is 1/dim times the CAS form's.
+    d = torch.tensor([6.0], requires_grad=True)  # k-NN distance 6 spreads above the real median
+    r = cas.realism_dim(d, torch.tensor([0.0]), torch.tensor([1.0]))
+    (g_cas,) = torch.autograd.grad(r.sum(), d)
+    (g_log,) = torch.autograd.grad(torch.log(cas.realism_dim(d, torch.tensor([0.0]), torch.tensor([1.0])) + 1e-4).sum(), d)
+    assert float(g_log) / float(g_cas) > 100
+    with pytest.raises(UserError, match="unknown reward.form 'exp'; known: cas, log"):
+        make_reward(EQUAL, scorer, form="exp")
+
+
 def test_reward_refuses_realism_without_bank(evaluator, texts) -> None:
     with pytest.raises(UserError, match="reference bank"):
         make_reward(EQUAL, cas.CASScorer(evaluator, texts, None))
