@@ -9,7 +9,7 @@ dimension, detached. Two forms (``reward.form``):
 - ``log``: sum_i w_i · log(dim_i + 1e-4), the log of a weighted geometric mean. Same maximiser per
   dimension, but a dimension near 0 keeps its gradient: realism is a sigmoid of a k-NN distance, and
   for generated images far from every real one it sits at 0.01-0.05, where the sigmoid's slope is
-  1-5 % of its slope at 0.5, so the ``cas`` form barely moves it.
+  4-19 % of its slope at 0.5, so the ``cas`` form barely moves it.
 """
 
 from __future__ import annotations
