@@ -182,9 +182,9 @@ class Evaluator:
         """
         h = hashlib.sha256()
         for name, t in sorted(self.model.state_dict().items()):
-            t = t.detach().cpu().contiguous().reshape(-1)  # 0-d tensors (logit_scale) cannot be viewed as bytes
             h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            flat = t.detach().cpu().contiguous().reshape(-1)  # 0-d tensors (logit_scale) cannot be viewed as bytes
+            h.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
         return h.hexdigest()[:16]
 
     def identity(self) -> str:
