@@ -27,6 +27,7 @@ TOKENS_PER_PROMPT = 64  # generation budget per enriched prompt (one sentence)
 TOKENS_PER_ITEM = 160  # generation budget per checklist item (id, question, two captions, parent)
 TOKENS_OVERHEAD = 16  # braces and keys around the list
 MAX_CHARS = 240  # longest prompt, question or caption the schema allows
+DEFAULT_MAX_PAIRS = 16  # ChecklistJudge's batch size before its user_config arrives
 
 SYSTEM = ("You are a clinical imaging expert. You write precise, visually checkable descriptions of "
           "medical images for training and auditing image generators. Answer only with JSON.")
@@ -184,7 +185,7 @@ class ChecklistJudge(_EngineHost):
     def __init__(self, engine_cfg: dict) -> None:
         super().__init__(engine_cfg)
         self._stats = {"batches": 0, "pairs": 0, "largest_batch": 0}
-        self._max_pairs = 16
+        self._max_pairs = DEFAULT_MAX_PAIRS  # until reconfigure() applies the user_config
 
     def reconfigure(self, user_config: dict) -> None:
         """Apply ``{max_batch_size, batch_wait_timeout_s}`` (Serve calls this on deploy and on updates)."""
@@ -206,7 +207,7 @@ class ChecklistJudge(_EngineHost):
         chunks = await asyncio.gather(*(self._chunks(pairs[i:i + size]) for i in range(0, len(pairs), size)))
         return [p for chunk in chunks for p in chunk]
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02,  # replaced by reconfigure()
+    @serve.batch(max_batch_size=DEFAULT_MAX_PAIRS, batch_wait_timeout_s=0.02,  # replaced by reconfigure()
                  batch_size_fn=lambda chunks: sum(len(c) for c in chunks))
     async def _chunks(self, chunks: list[list[tuple[Image.Image, str]]]) -> list[list[float]]:
         pairs = [p for chunk in chunks for p in chunk]

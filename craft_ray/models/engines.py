@@ -489,12 +489,8 @@ class TransformersEngine(LLMEngine):
             self._yes_no_prompts[question] = prompt
         return prompt
 
-    def _encode(self, conversations: list[list[dict]], images: list[Image.Image],
-                prompts: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Model inputs for chat conversations (or their already rendered ``prompts``), right-padded (so a
-        prefix is computed as if alone)."""
-        if prompts is None:
-            prompts = [self._render(c) for c in conversations]
+    def _encode(self, prompts: list[str], images: list[Image.Image]) -> dict[str, torch.Tensor]:
+        """Model inputs for rendered chat prompts, right-padded (so a prefix is computed as if alone)."""
         kwargs: dict[str, Any] = {"text": prompts, "return_tensors": "pt", "padding": True,
                                   "add_special_tokens": False}
         if images:
@@ -519,7 +515,7 @@ class TransformersEngine(LLMEngine):
         """Generate one answer; with ``json_schema`` decoding is constrained so the text is valid JSON."""
         max_tokens = max_tokens or self.max_new_tokens
         conversation, images = self._hf_messages(messages)
-        inputs = self._encode([conversation], images)
+        inputs = self._encode([self._render(conversation)], images)
         prompt_len = inputs["input_ids"].shape[1]
         constraint = None
         if json_schema is not None:
@@ -588,8 +584,7 @@ class TransformersEngine(LLMEngine):
             raise UserError(f"judge model {self.model_id!r} is text-only; P(yes) about images needs a VLM")
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
-        inputs = self._encode([], [img.convert("RGB") for img in images],
-                              prompts=[self._yes_no_prompt(q) for q in questions])
+        inputs = self._encode([self._yes_no_prompt(q) for q in questions], [img.convert("RGB") for img in images])
         logits = self.model(**inputs).logits  # [B, L, V]
         last = inputs["attention_mask"].sum(dim=1) - 1  # right padding: last real position per row
         return torch.log_softmax(logits[torch.arange(len(questions), device=self.device), last].float(), dim=-1)
