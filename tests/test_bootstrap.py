@@ -147,6 +147,8 @@ def test_scaled_down_bootstrap_writes_loadable_models(tmp_path: Path) -> None:
         assert 0 <= report["judge"]["yes_no_auroc"][m] <= 1
         assert 0 <= report["base_unet_oracle_modality_accuracy"][m] <= 1
     assert np.isfinite(report["vae"]["vae_recon_mae"])
+    unet = json.loads((out / "diffusion" / "unet" / "config.json").read_text())
+    assert unet["attention_head_dim"] == report["config"]["unet_heads"] == bootstrap.BootstrapConfig.unet_heads
 
 
 def test_bad_arguments_exit_2() -> None:

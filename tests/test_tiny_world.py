@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from craft_ray import cas
+from craft_ray.bootstrap import BootstrapConfig
 from craft_ray.config import load_config
 from craft_ray.data.phantom import generate
 from craft_ray.knowledge import load_shipped
@@ -56,6 +57,10 @@ def test_shipped_report_is_complete() -> None:
     assert min(report["evaluator_conv"]["zero_shot_label_accuracy"].values()) >= 0.9
     assert min(report["judge"]["yes_no_auroc"].values()) >= 0.8
     assert min(report["base_unet_oracle_modality_accuracy"].values()) >= 0.9
+    assert report["seconds"]["wall_total"] <= 20 * 60  # regeneration on 2 cores, as recorded
+    # the shipped world was made by this code's defaults (a changed default means a regenerated world)
+    defaults = {k: v for k, v in BootstrapConfig(out=Path(".")).__dict__.items() if k not in ("out", "threads")}
+    assert {k: report["config"][k] for k in defaults} == defaults
 
 
 def test_shipped_text_encoder_tells_labels_apart() -> None:

@@ -451,6 +451,7 @@ def tiny_components(
     """Randomly initialised tiny SD components (VAE factor 2**(len(vae_channels)-1); latents sample_size²×4).
 
     ``tokenizer`` defaults to a character-level one; the text encoder's vocabulary and length follow it.
+    ``attention_head_dim`` is diffusers' legacy name for the UNet's number of attention heads.
     """
     tokenizer = tokenizer or tiny_tokenizer(max_text_length)
     max_text_length = tokenizer.model_max_length
