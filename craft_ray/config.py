@@ -146,6 +146,8 @@ class RewardConfig:
     weights: CASWeights = field(default_factory=CASWeights)  # reward weights (simplex) of the CAS dimensions
     beta: float = 0.5  # weight of the diffusion loss on a real batch (anti reward hacking)
     form: str = "cas"  # cas: sum_i w_i dim_i (the CAS itself); log: sum_i w_i log(dim_i + 1e-4)
+    shifts: int = 0  # score this many randomly shifted copies of each image and average (0 = the image as is)
+    max_shift: float = 0.0625  # largest shift of a copy, as a fraction of the image side (reflect-padded)
 
 
 @dataclass

@@ -338,7 +338,8 @@ def run_stage(config: dict, session: Session) -> StageState:
         setups["train"] = ev.ScoringSetup.build(cfg, "train", knowledge, device, manifest)
     if rank == 0:
         setups["ood"] = ev.ScoringSetup.build(cfg, "ood", knowledge, device, manifest)
-    reward_fn = (make_reward(dict(cfg.reward.weights), setups["train"].scorer, str(cfg.reward.form))
+    reward_fn = (make_reward(dict(cfg.reward.weights), setups["train"].scorer, str(cfg.reward.form),
+                             shifts=int(cfg.reward.shifts), max_shift=float(cfg.reward.max_shift))
                  if stage == "craft" else None)
     pool = craft_prompt_pool(cfg, knowledge, config.get("extra_prompts"))
     labels_cycle = get_modality(cfg.modality).label_names(cfg.data.dataset)
@@ -477,7 +478,7 @@ def _craft_loss(model: DiffusionModel, cfg: DictConfig, reward_fn, pool: dict[st
             labels = labels * int(s.draft_lv_n)
             prompts = prompts * int(s.draft_lv_n)
     images = model.decode_latents(latents.float())
-    reward, dims = reward_fn(images, prompts, [{"label": y} for y in labels])
+    reward, dims = reward_fn(images, prompts, [{"label": y} for y in labels], generator=g)
     loss = -reward.mean()
     parts = {"reward": float(reward.detach().mean()), "k": float(k)}
     parts.update({f"reward_{d}": float(v.mean()) for d, v in dims.items()})
