@@ -243,7 +243,7 @@ def test_metrics_are_finite_numbers(micro_world, tmp_path):
 
 def test_reward_hacking_guard_rolls_back_to_the_best_out_of_family_checkpoint(tmp_path):
     """An exploitable reward: the training evaluator is an untrained, random open_clip model, so its CAS
-    can be pushed up (large learning rate, no diffusion-loss anchor) by images that the trained
+    can be pushed up (large learning rate, no diffusion-loss anchor, no shifted copies) by images that the trained
     out-of-family evaluator of the shipped tiny world likes less and less; the guard must notice,
     warn and roll back to the evaluation that was best under the out-of-family CAS."""
     from safetensors.torch import load_file
@@ -257,6 +257,7 @@ def test_reward_hacking_guard_rolls_back_to_the_best_out_of_family_checkpoint(tm
         "data.n_train=48", "data.n_val=8", "data.n_test=48", "sampling.num_steps=4", "train.batch_size=4",
         "train.torch_threads=1", "train.eval_images_per_label=2", "train.log_every=1", "cas.use_judge=false",
         "train.craft_steps=12", "train.craft_lr=0.05", "train.warmup_steps=0", "reward.beta=0",
+        "reward.shifts=0",  # the plain reward: the tiny profile's shifted copies blunt this exploit
         "train.eval_every=1", "train.checkpoint_every=1", "train.hacking_patience=1",
         "train.hacking_action=rollback", "train.max_grad_norm=100", "model.gradient_checkpointing=false"])
     root = tmp_path / "run"
