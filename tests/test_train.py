@@ -101,20 +101,23 @@ def test_sft_then_craft_in_process_and_exact_resume(micro_world, tmp_path):
     assert progress["step"] == 2 and progress["total"] == 2
 
 
-def test_craft_stage_trains_with_the_configured_reward_form(micro_world, tmp_path):
+def test_craft_stage_trains_with_the_configured_reward_form_and_shifts(micro_world, tmp_path):
     from craft_ray.models.diffusion import DiffusionModel
 
     rewards = {}
-    for form in ("cas", "log"):
-        cfg = micro_cfg(micro_world, tmp_path / form, "train.craft_steps=1", f"reward.form={form}", "reward.beta=0")
-        root = tmp_path / form / "run"
+    for form, shifts in (("cas", 0), ("log", 0), ("cas", 2)):
+        cfg = micro_cfg(micro_world, tmp_path / f"{form}{shifts}", "train.craft_steps=1", f"reward.form={form}",
+                        f"reward.shifts={shifts}", "reward.beta=0")
+        root = tmp_path / f"{form}{shifts}" / "run"
         DiffusionModel.from_config(cfg.model).save_lora(root / "init" / LORA_WEIGHT_NAME)  # a zero LoRA to start from
         session = training.LocalSession(root / "ckpt-craft")
         training.run_stage({"cfg": OmegaConf.to_container(cfg, resolve=True), "stage": "craft",
                             "output_dir": str(root), "init_lora": str(root / "init")}, session)
-        rewards[form] = [r["reward"] for r in session.reports if "reward" in r]
-    assert rewards["cas"] and all(0 <= r <= 1 for r in rewards["cas"])  # the CAS: a weighted mean in [0, 1]
-    assert rewards["log"] and all(r < 0 for r in rewards["log"])  # weighted logs of values below 1
+        rewards[form, shifts] = [r["reward"] for r in session.reports if "reward" in r]
+    assert rewards["cas", 0] and all(0 <= r <= 1 for r in rewards["cas", 0])  # the CAS: a weighted mean in [0, 1]
+    # the same sampled images (same seed and step), scored on shifted copies: another reward, still a CAS
+    assert rewards["cas", 2] and all(0 <= r <= 1 for r in rewards["cas", 2]) and rewards["cas", 2] != rewards["cas", 0]
+    assert rewards["log", 0] and all(r < 0 for r in rewards["log", 0])  # weighted logs of values below 1
 
 
 def test_craft_without_an_sft_lora_is_refused(micro_world, tmp_path):
