@@ -15,7 +15,7 @@ dimension, detached. Two forms (``reward.form``):
 to ``max_shift`` of its side in x and y) and averages their dimensions: an expectation over small
 translations, which a reward gradient must survive. On the tiny world's cxr the plain gradient of the
 training evaluator's label dimension is adversarial (that score rises while the out-of-family evaluator's
-and the oracle's fall); README "Training" has the measurements.
+and the oracle's fall); docs/cxr-experiments.md has the measurements.
 """
 
 from __future__ import annotations
