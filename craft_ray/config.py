@@ -148,12 +148,15 @@ class RewardConfig:
     form: str = "cas"  # cas: sum_i w_i dim_i (the CAS itself); log: sum_i w_i log(dim_i + 1e-4)
     shifts: int = 0  # score this many randomly shifted copies of each image and average (0 = the image as is)
     max_shift: float = 0.0625  # largest shift of a copy, as a fraction of the image side (reflect-padded)
+    grad_sigma: float = 0.0  # blur the reward's image gradient by a Gaussian of this many pixels (0 = off)
 
 
 @dataclass
 class SamplingConfig:
     num_steps: int = 10  # DDIM steps T
     guidance_scale: float = 7.5  # classifier-free guidance scale
+    # model: the model's scheduler config; leading (SD) ends at t=1; trailing ends at t=1000/num_steps-1
+    timestep_spacing: str = "model"
     eta: float = 0.0  # DDIM eta (0 = deterministic)
     k: int = 1  # DRaFT-K: backpropagate through the last K steps
     k_range: list[int] | None = None  # AlignProp: draw K uniformly from [lo, hi] per batch; null = fixed k
@@ -265,6 +268,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "judges.engine.kind": ("transformers", "openai", "vllm"),
     "train.hacking_action": ("warn", "stop", "rollback"),
     "reward.form": ("cas", "log"),
+    "sampling.timestep_spacing": ("model", "leading", "trailing", "linspace"),
     "evaluation.embedding": ("train", "ood"),
 }
 

@@ -156,7 +156,8 @@ def generate(model, prompts: Sequence[str], seeds: Sequence[int], sampling: Any,
         with model.autocast():
             traj = sample(unet, model.scheduler, cond, uncond_one.expand(len(p), -1, -1), latents,
                           num_steps=int(sampling.num_steps), guidance_scale=float(sampling.guidance_scale),
-                          eta=0.0, k=0, grad_checkpointing=False)
+                          eta=0.0, k=0, grad_checkpointing=False,
+                          timestep_spacing=str(sampling.get("timestep_spacing", "model")))
         out.append(model.decode_latents(traj.latents.float()).cpu())
     unet.train(was_training)
     return torch.cat(out)

@@ -20,10 +20,12 @@ four (docs/cxr-experiments.md has the measurements).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 
 from craft_ray.cas import CASScorer, check_weights, combine
 from craft_ray.errors import UserError
@@ -36,9 +38,10 @@ LOG_EPS = 1e-4  # log form: floor inside the log, so a dimension at exactly 0 st
 
 
 def make_reward(weights: Mapping[str, float], scorer: CASScorer, form: str = "cas", *, shifts: int = 0,
-                max_shift: float = 0.0625) -> RewardFn:
+                max_shift: float = 0.0625, grad_sigma: float = 0.0) -> RewardFn:
     """The reward of ``scorer`` (the training evaluator) under simplex ``weights`` in ``form`` (cas | log),
-    averaged over ``shifts`` randomly shifted copies of each image (0 = the image as is).
+    averaged over ``shifts`` randomly shifted copies of each image (0 = the image as is), with its
+    gradient with respect to the image low-passed by a Gaussian of ``grad_sigma`` pixels (0 = as is).
 
     The returned function takes an optional ``generator`` keyword for the shifts.
     """
@@ -49,17 +52,19 @@ def make_reward(weights: Mapping[str, float], scorer: CASScorer, form: str = "ca
         raise UserError("reward weight on 'realism' needs a reference bank of real-image embeddings")
     if shifts < 0 or not 0.0 <= max_shift < 0.5:
         raise UserError(f"reward.shifts must be >= 0 and reward.max_shift in [0, 0.5), got {shifts} and {max_shift}")
+    if grad_sigma < 0:
+        raise UserError(f"reward.grad_sigma must be >= 0, got {grad_sigma}")
 
     def reward_fn(images: torch.Tensor, prompts: Sequence[str], metadata: Sequence[Mapping],
                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if len(metadata) != images.shape[0]:
             raise UserError(f"reward got {images.shape[0]} images but {len(metadata)} metadata entries")
         labels = [m["label"] for m in metadata]
-        if shifts == 0:
-            dims = scorer.dimensions(images, labels)
-        else:
-            copies = [scorer.dimensions(shifted(images, max_shift, generator), labels) for _ in range(shifts)]
-            dims = {name: torch.stack([c[name] for c in copies]).mean(dim=0) for name in copies[0]}
+        if grad_sigma > 0:
+            images = low_pass_grad(images, grad_sigma)
+        views = [images] if shifts == 0 else [shifted(images, max_shift, generator) for _ in range(shifts)]
+        copies = [scorer.dimensions(view, labels) for view in views]
+        dims = {name: torch.stack([c[name] for c in copies]).mean(dim=0) for name in copies[0]}
         if form == "cas":
             reward = combine(dims, w)
         else:
@@ -80,3 +85,21 @@ def shifted(images: torch.Tensor, max_shift: float, generator: torch.Generator |
                                torch.randint(0, 2 * px + 1, (1,), generator=generator)))
     padded = F.pad(images, (px, px, py, py), mode="reflect")
     return padded[..., dy:dy + h, dx:dx + w]
+
+
+class _LowPassGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, images, sigma):
+        ctx.sigma = sigma
+        return images.view_as(images)
+
+    @staticmethod
+    def backward(ctx, grad):
+        radius = min(math.ceil(3 * ctx.sigma), grad.shape[-1] - 1, grad.shape[-2] - 1)
+        return TF.gaussian_blur(grad, [2 * radius + 1] * 2, [ctx.sigma] * 2), None
+
+
+def low_pass_grad(images: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``images`` unchanged going forward; the gradient flowing back through it is blurred by a
+    Gaussian of ``sigma`` pixels, so only its smooth (layout-scale) part reaches the generator."""
+    return _LowPassGrad.apply(images, float(sigma))

@@ -26,9 +26,21 @@ class Trajectory:
     k: int  # steps that were differentiated
 
 
-def ddim_scheduler(scheduler, num_steps: int, device: torch.device | str) -> DDIMScheduler:
-    """A fresh DDIM scheduler with the model's noise schedule, set to ``num_steps`` (the model's is untouched)."""
-    sched = DDIMScheduler.from_config(scheduler.config)
+SPACINGS = ("model", "leading", "trailing", "linspace")
+
+
+def ddim_scheduler(scheduler, num_steps: int, device: torch.device | str, timestep_spacing: str = "model"
+                   ) -> DDIMScheduler:
+    """A fresh DDIM scheduler with the model's noise schedule, set to ``num_steps`` (the model's is untouched).
+
+    ``timestep_spacing`` picks the ``num_steps`` timesteps: ``model`` keeps the model's scheduler config;
+    ``leading`` (Stable Diffusion's) ends at t=1; ``trailing`` starts at the last training timestep and
+    ends at t=1000/num_steps - 1, so the last step still removes real noise (Lin et al., 2024).
+    """
+    if timestep_spacing not in SPACINGS:
+        raise UserError(f"unknown timestep spacing {timestep_spacing!r}; known: {', '.join(SPACINGS)}")
+    extra = {} if timestep_spacing == "model" else {"timestep_spacing": timestep_spacing}
+    sched = DDIMScheduler.from_config(scheduler.config, **extra)
     sched.set_timesteps(num_steps, device=device)
     return sched
 
@@ -68,15 +80,17 @@ def sample(
     k: int = 1,
     generator: torch.Generator | None = None,
     grad_checkpointing: bool = True,
+    timestep_spacing: str = "model",
 ) -> Trajectory:
     """Denoise ``latents`` [B,C,h,w] (initial noise) with DDIM; gradients only through the last ``k`` steps.
 
     cond/uncond: text embeddings [B,S,D] for the prompts and the empty prompt (uncond may be None
     when ``guidance_scale <= 1``). ``generator`` drives the DDIM noise when ``eta > 0``.
+    ``timestep_spacing``: see ``ddim_scheduler``.
     """
     if guidance_scale > 1.0 and uncond is None:
         raise UserError("classifier-free guidance (guidance_scale > 1) needs unconditional embeddings")
-    sched = ddim_scheduler(scheduler, num_steps, latents.device)
+    sched = ddim_scheduler(scheduler, num_steps, latents.device, timestep_spacing)
     text = torch.cat([uncond, cond]) if guidance_scale > 1.0 else cond
     latents = latents * sched.init_noise_sigma
     timesteps = sched.timesteps
@@ -107,12 +121,13 @@ def draft_lv(
     guidance_scale: float,
     n: int,
     generator: torch.Generator | None = None,
+    timestep_spacing: str = "model",
 ) -> torch.Tensor:
     """DRaFT-LV: re-noise the (detached) final latents to the last timestep ``n`` times and denoise once
     with gradients; returns [n*B, C, h, w] latents (repeat prompts/metadata n times for the reward)."""
     if n < 1:
         raise UserError(f"sampling.draft_lv_n must be >= 1, got {n}")
-    sched = ddim_scheduler(scheduler, num_steps, final_latents.device)
+    sched = ddim_scheduler(scheduler, num_steps, final_latents.device, timestep_spacing)
     t = sched.timesteps[-1]
     x0 = final_latents.detach()
     outs = []

@@ -339,7 +339,8 @@ def run_stage(config: dict, session: Session) -> StageState:
     if rank == 0:
         setups["ood"] = ev.ScoringSetup.build(cfg, "ood", knowledge, device, manifest)
     reward_fn = (make_reward(dict(cfg.reward.weights), setups["train"].scorer, str(cfg.reward.form),
-                             shifts=int(cfg.reward.shifts), max_shift=float(cfg.reward.max_shift))
+                             shifts=int(cfg.reward.shifts), max_shift=float(cfg.reward.max_shift),
+                             grad_sigma=float(cfg.reward.grad_sigma))
                  if stage == "craft" else None)
     pool = craft_prompt_pool(cfg, knowledge, config.get("extra_prompts"))
     labels_cycle = get_modality(cfg.modality).label_names(cfg.data.dataset)
@@ -470,11 +471,12 @@ def _craft_loss(model: DiffusionModel, cfg: DictConfig, reward_fn, pool: dict[st
     with model.autocast():
         traj = sample(model.unet, model.scheduler, cond, uncond, noise, num_steps=int(s.num_steps),
                       guidance_scale=float(s.guidance_scale), eta=float(s.eta), k=k, generator=g,
-                      grad_checkpointing=model.gradient_checkpointing)
+                      grad_checkpointing=model.gradient_checkpointing, timestep_spacing=str(s.timestep_spacing))
         latents = traj.latents
         if s.draft_lv:
             latents = draft_lv(model.unet, model.scheduler, cond, uncond, latents, num_steps=int(s.num_steps),
-                               guidance_scale=float(s.guidance_scale), n=int(s.draft_lv_n), generator=g)
+                               guidance_scale=float(s.guidance_scale), n=int(s.draft_lv_n), generator=g,
+                               timestep_spacing=str(s.timestep_spacing))
             labels = labels * int(s.draft_lv_n)
             prompts = prompts * int(s.draft_lv_n)
     images = model.decode_latents(latents.float())

@@ -253,6 +253,31 @@ def test_shifted_reward_averages_the_dimensions_of_reflect_padded_shifted_copies
         make_reward(EQUAL, scorer, shifts=1, max_shift=0.5)
 
 
+def test_grad_sigma_keeps_the_reward_and_smooths_its_image_gradient(evaluator, texts, bank) -> None:
+    import torchvision.transforms.functional as TF
+
+    scorer = cas.CASScorer(evaluator, texts, bank)
+    x, labels = images_and_labels(3, seed=11)
+    meta = [{"label": y} for y in labels]
+    grads = {}
+    for sigma in (0.0, 2.0):
+        xg = x.clone().requires_grad_(True)
+        reward, _ = make_reward(EQUAL, scorer, grad_sigma=sigma)(xg, ["p"] * 3, meta)
+        reward.sum().backward()
+        grads[sigma] = (reward.detach(), xg.grad)
+    # the same reward going forward ...
+    torch.testing.assert_close(grads[2.0][0], grads[0.0][0])
+    # ... and, going back, exactly the plain gradient blurred by a Gaussian of 2 px (13 taps, reflect-padded)
+    torch.testing.assert_close(grads[2.0][1], TF.gaussian_blur(grads[0.0][1], [13, 13], [2.0, 2.0]))
+
+    def roughness(g: torch.Tensor) -> float:  # energy of pixel-to-pixel differences over total energy
+        return float(((g[..., 1:] - g[..., :-1]) ** 2).sum() / (g ** 2).sum())
+
+    assert roughness(grads[2.0][1]) < 0.2 * roughness(grads[0.0][1])
+    with pytest.raises(UserError, match="reward.grad_sigma must be >= 0"):
+        make_reward(EQUAL, scorer, grad_sigma=-1.0)
+
+
 def test_reward_refuses_realism_without_bank(evaluator, texts) -> None:
     with pytest.raises(UserError, match="reference bank"):
         make_reward(EQUAL, cas.CASScorer(evaluator, texts, None))

@@ -85,6 +85,7 @@ def test_print_and_flatten_round_trip() -> None:
         (["train.use_gpu=maybe"], "wrong type for config key 'train.use_gpu'"),
         (["modality=lung"], "bad value 'lung' for config key 'modality'; valid choices: cxr, derm, fundus, histo"),
         (["stage=finetune"], "valid choices: sft, craft, all"),
+        (["sampling.timestep_spacing=last"], "valid choices: model, leading, trailing, linspace"),
         (["profile=huge"], "unknown profile 'huge'; known: sd, tiny"),
         (["train.sft_steps"], "malformed override 'train.sft_steps'; expected key=value"),
         (["=3"], "malformed override '=3'"),

@@ -49,6 +49,34 @@ def test_matches_the_diffusers_pipeline(pipe: StableDiffusionPipeline, eta: floa
     assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
 
 
+def test_timestep_spacing_overrides_the_models_scheduler(pipe: StableDiffusionPipeline) -> None:
+    assert pipe.scheduler.config.timestep_spacing == "leading"
+    steps = {s: sampling.ddim_scheduler(pipe.scheduler, 10, "cpu", s).timesteps.tolist()
+             for s in ("model", "leading", "trailing")}
+    assert steps["model"] == steps["leading"] == list(range(901, 0, -100))  # ends at t=1 (steps_offset 1)
+    assert steps["trailing"] == list(range(999, 0, -100))  # ends at t=99: the last step still denoises
+    assert pipe.scheduler.config.timestep_spacing == "leading"  # the model's own scheduler is untouched
+    with pytest.raises(UserError, match="unknown timestep spacing 'last'"):
+        sampling.ddim_scheduler(pipe.scheduler, 10, "cpu", "last")
+    # sampling with "trailing" is what the diffusers pipeline does with a trailing DDIM scheduler
+    prompts = ["a chest x-ray showing cardiomegaly"]
+    trailing = StableDiffusionPipeline(**{**pipe.components,
+                                          "scheduler": DDIMScheduler.from_config(pipe.scheduler.config,
+                                                                                 timestep_spacing="trailing")})
+    trailing.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ref = trailing(prompts, num_inference_steps=T, guidance_scale=GUIDANCE, output_type="latent",
+                       generator=torch.Generator().manual_seed(3)).images
+        cond, uncond = embeddings(pipe, prompts)
+        init = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3))
+        ours = sampling.sample(pipe.unet, pipe.scheduler, cond, uncond, init, num_steps=T, guidance_scale=GUIDANCE,
+                               k=0, timestep_spacing="trailing").latents
+        leading = sampling.sample(pipe.unet, pipe.scheduler, cond, uncond, init, num_steps=T,
+                                  guidance_scale=GUIDANCE, k=0).latents
+    assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+    assert not torch.allclose(ours, leading, atol=1e-3)
+
+
 def count_grad_calls(pipe: StableDiffusionPipeline, k: int, checkpointing: bool) -> tuple[int, torch.Tensor]:
     calls = {"n": 0}
     lora_like = pipe.unet.conv_out.weight

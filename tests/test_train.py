@@ -260,7 +260,9 @@ def test_reward_hacking_guard_rolls_back_to_the_best_out_of_family_checkpoint(tm
         "data.n_train=48", "data.n_val=8", "data.n_test=48", "sampling.num_steps=4", "train.batch_size=4",
         "train.torch_threads=1", "train.eval_images_per_label=2", "train.log_every=1", "cas.use_judge=false",
         "train.craft_steps=12", "train.craft_lr=0.05", "train.warmup_steps=0", "reward.beta=0",
-        "reward.shifts=0",  # the plain reward: the tiny profile's shifted copies blunt this exploit
+        # the plain reward: the tiny profile's shifted copies, smoothed gradient and realism-heavy log form blunt it
+        "reward.shifts=0", "reward.grad_sigma=0", "reward.form=cas", "reward.weights.label=0.25",
+        "reward.weights.checklist=0.25", "reward.weights.modality=0.25", "reward.weights.realism=0.25",
         "train.eval_every=1", "train.checkpoint_every=1", "train.hacking_patience=1",
         "train.hacking_action=rollback", "train.max_grad_norm=100", "model.gradient_checkpointing=false"])
     root = tmp_path / "run"
