@@ -16,6 +16,12 @@ to ``max_shift`` of its side in x and y) and averages their dimensions: an expec
 translations, which a reward gradient must survive. On the tiny world's cxr both evaluators' pixel
 gradients are adversarial; averaging over 2 copies helped on one training seed but not on average over
 four (docs/cxr-experiments.md has the measurements).
+
+``grad_sigma`` > 0 leaves the reward's value as it is but blurs its gradient with respect to the image
+by a Gaussian of that many pixels, so only the smooth part of the evaluator's pixel gradient reaches
+the generator. On the tiny world's cxr, pixel-space ascent on the ViT's label score with the raw
+gradient reaches a score of 1.00 without changing the oracle's verdicts; with the gradient blurred by
+2-8 px the same ascent raises the oracle's accuracy from 36.7 to 44.5-45.3 %.
 """
 
 from __future__ import annotations
