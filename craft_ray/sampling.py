@@ -15,6 +15,7 @@ import torch
 from diffusers import DDIMScheduler
 from torch.utils.checkpoint import checkpoint
 
+from craft_ray.config import CHOICES
 from craft_ray.errors import UserError
 
 
@@ -26,7 +27,7 @@ class Trajectory:
     k: int  # steps that were differentiated
 
 
-SPACINGS = ("model", "leading", "trailing", "linspace")
+SPACINGS = CHOICES["sampling.timestep_spacing"]  # model, leading, trailing, linspace
 
 
 def ddim_scheduler(scheduler, num_steps: int, device: torch.device | str, timestep_spacing: str = "model"
