@@ -157,7 +157,7 @@ def generate(model, prompts: Sequence[str], seeds: Sequence[int], sampling: Any,
             traj = sample(unet, model.scheduler, cond, uncond_one.expand(len(p), -1, -1), latents,
                           num_steps=int(sampling.num_steps), guidance_scale=float(sampling.guidance_scale),
                           eta=0.0, k=0, grad_checkpointing=False,
-                          timestep_spacing=str(sampling.get("timestep_spacing", "model")))
+                          timestep_spacing=str(sampling.timestep_spacing))
         out.append(model.decode_latents(traj.latents.float()).cpu())
     unet.train(was_training)
     return torch.cat(out)

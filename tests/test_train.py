@@ -102,18 +102,30 @@ def test_sft_then_craft_in_process_and_exact_resume(micro_world, tmp_path):
 
 
 def test_craft_stage_trains_with_the_configured_reward_form_and_shifts(micro_world, tmp_path):
+    from safetensors.torch import load_file
+
     from craft_ray.models.diffusion import DiffusionModel
 
-    rewards = {}
-    for form, shifts in (("cas", 0), ("log", 0), ("cas", 2)):
-        cfg = micro_cfg(micro_world, tmp_path / f"{form}{shifts}", "train.craft_steps=1", f"reward.form={form}",
-                        f"reward.shifts={shifts}", "reward.beta=0")
-        root = tmp_path / f"{form}{shifts}" / "run"
+    rewards, loras = {}, {}
+    cases = {("cas", 0): [], ("log", 0): [], ("cas", 2): [], ("cas", 2, "sigma"): ["reward.grad_sigma=2"],
+             ("cas", 0, "trailing"): ["sampling.timestep_spacing=trailing"]}
+    for case, extra in cases.items():
+        form, shifts = case[:2]
+        tag = "-".join(map(str, case))
+        cfg = micro_cfg(micro_world, tmp_path / tag, "train.craft_steps=1", f"reward.form={form}",
+                        f"reward.shifts={shifts}", "reward.beta=0", *extra)
+        root = tmp_path / tag / "run"
         DiffusionModel.from_config(cfg.model).save_lora(root / "init" / LORA_WEIGHT_NAME)  # a zero LoRA to start from
         session = training.LocalSession(root / "ckpt-craft")
         training.run_stage({"cfg": OmegaConf.to_container(cfg, resolve=True), "stage": "craft",
                             "output_dir": str(root), "init_lora": str(root / "init")}, session)
-        rewards[form, shifts] = [r["reward"] for r in session.reports if "reward" in r]
+        rewards[case] = [r["reward"] for r in session.reports if "reward" in r]
+        loras[case] = load_file(str(root / "craft" / LORA_WEIGHT_NAME))
+    # a smoothed gradient leaves the reward's value as it is but changes the update; trailing spacing
+    # samples other images
+    assert rewards["cas", 2, "sigma"] == pytest.approx(rewards["cas", 2], abs=1e-6)
+    assert any(not torch.allclose(loras["cas", 2, "sigma"][k], loras["cas", 2][k]) for k in loras["cas", 2])
+    assert rewards["cas", 0, "trailing"] and rewards["cas", 0, "trailing"] != pytest.approx(rewards["cas", 0], abs=1e-4)
     assert rewards["cas", 0] and all(0 <= r <= 1 for r in rewards["cas", 0])  # the CAS: a weighted mean in [0, 1]
     # the same sampled images (same seed and step), scored on shifted copies: another reward, still a CAS
     assert rewards["cas", 2] and all(0 <= r <= 1 for r in rewards["cas", 2]) and rewards["cas", 2] != rewards["cas", 0]
@@ -260,9 +272,7 @@ def test_reward_hacking_guard_rolls_back_to_the_best_out_of_family_checkpoint(tm
         "data.n_train=48", "data.n_val=8", "data.n_test=48", "sampling.num_steps=4", "train.batch_size=4",
         "train.torch_threads=1", "train.eval_images_per_label=2", "train.log_every=1", "cas.use_judge=false",
         "train.craft_steps=12", "train.craft_lr=0.05", "train.warmup_steps=0", "reward.beta=0",
-        # the plain reward: the tiny profile's shifted copies, smoothed gradient and realism-heavy log form blunt it
-        "reward.shifts=0", "reward.grad_sigma=0", "reward.form=cas", "reward.weights.label=0.25",
-        "reward.weights.checklist=0.25", "reward.weights.modality=0.25", "reward.weights.realism=0.25",
+        "reward.shifts=0",  # the plain reward: the tiny profile's shifted copies blunt this exploit
         "train.eval_every=1", "train.checkpoint_every=1", "train.hacking_patience=1",
         "train.hacking_action=rollback", "train.max_grad_norm=100", "model.gradient_checkpointing=false"])
     root = tmp_path / "run"
