@@ -187,7 +187,9 @@ class TrainConfig:
     checkpoint_every: int = 20  # steps between checkpoints
     keep_checkpoints: int = 2  # CheckpointConfig.num_to_keep
     max_failures: int = 1  # FailureConfig.max_failures (worker restarts from the last checkpoint)
-    hacking_patience: int = 3  # evaluations of train-CAS up while out-of-family CAS down before acting
+    hacking_patience: int = 3  # evaluations of training CAS up while a watched out-of-family score falls, before acting
+    # out-of-family scores the hacking guard watches: cas and/or the CAS dimensions label, checklist, modality, realism
+    hacking_watch: list[str] = field(default_factory=lambda: ["cas", "realism"])
     hacking_action: str = "warn"  # warn | stop | rollback (to the best checkpoint under out-of-family CAS)
     torch_threads: int = 1  # torch intra-op threads per worker process
 
@@ -338,11 +340,23 @@ def _merge_error(exc: OmegaConfBaseException, schema: DictConfig, source: str) -
     return UserError(f"bad config value for '{key}' (from {source}): {str(exc).splitlines()[0]}")
 
 
+# List values checked after merging: each item must be one of these, and the list must not be empty.
+LIST_CHOICES: dict[str, tuple[str, ...]] = {
+    "train.hacking_watch": ("cas", "label", "checklist", "modality", "realism"),
+}
+
+
 def _check_choices(cfg: DictConfig) -> None:
     for key, allowed in CHOICES.items():
         value = OmegaConf.select(cfg, key)
         if value not in allowed:
             raise UserError(f"bad value {value!r} for config key '{key}'; valid choices: {', '.join(allowed)}")
+    for key, allowed in LIST_CHOICES.items():
+        values = list(OmegaConf.select(cfg, key))
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            raise UserError(f"bad value {values!r} for config key '{key}': a non-empty list of "
+                            f"{', '.join(allowed)}")
 
 
 def load_config(

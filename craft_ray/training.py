@@ -36,6 +36,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from craft_ray import evaluate as ev
+from craft_ray.config import LIST_CHOICES
 from craft_ray.data.dataset import ImageDataset, load_dataset
 from craft_ray.errors import UserError
 from craft_ray.modalities import get_modality
@@ -192,33 +193,58 @@ def craft_prompt_pool(cfg: DictConfig, knowledge, extra: dict[str, list[str]] | 
 # ----------------------------------------------------------------------------------------------- guard
 
 
+GUARD_SCORES = LIST_CHOICES["train.hacking_watch"]  # cas, label, checklist, modality, realism
+
+
 @dataclass
 class HackingGuard:
-    """Reward-hacking guard: training-evaluator CAS rising while out-of-family CAS falls, ``patience`` times.
+    """Reward-hacking guard: the training evaluator's CAS rising while an out-of-family score falls,
+    ``patience`` evaluations in a row.
 
-    ``update`` is called after each periodic evaluation; it returns True when the last ``patience``
-    consecutive evaluation-to-evaluation changes all had the training CAS up and the out-of-family
-    CAS down. It also tracks the evaluation that was best under the out-of-family CAS.
+    ``watch`` names the out-of-family scores compared with the training CAS (``GUARD_SCORES``: its CAS
+    and each CAS dimension). ``update`` is called after each periodic evaluation; it returns True when,
+    for one watched score, the last ``patience`` consecutive evaluation-to-evaluation changes all had the
+    training CAS up and that out-of-family score down. Watching a dimension catches a hack that leaves
+    the out-of-family CAS level: on the tiny world's cxr, 240 CRAFT steps raise both evaluators' label
+    scores while the out-of-family realism collapses. The guard also tracks the evaluation that was best
+    under the out-of-family CAS (the rollback target).
     """
 
     patience: int
-    history: list[tuple[int, float, float]] = field(default_factory=list)  # (step, train CAS, ood CAS)
+    watch: list[str] = field(default_factory=lambda: ["cas"])
+    history: list[tuple[int, float, dict[str, float]]] = field(default_factory=list)  # (step, train CAS, ood scores)
     best_step: int = -1
     best_ood: float = -math.inf
     triggered_at: int | None = None
+    triggered_by: str | None = None  # the watched out-of-family score that fell first
 
-    def update(self, step: int, train_cas: float, ood_cas: float) -> tuple[bool, bool]:
-        """Record one evaluation; returns (is the new best under OOD CAS, guard triggered)."""
-        self.history.append((step, float(train_cas), float(ood_cas)))
-        best = ood_cas > self.best_ood
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.watch) - set(GUARD_SCORES))
+        if unknown or not self.watch:
+            raise UserError(f"train.hacking_watch must name one or more of {', '.join(GUARD_SCORES)}; "
+                            f"got {list(self.watch)}")
+        if self.patience < 1:
+            raise UserError(f"train.hacking_patience must be >= 1, got {self.patience}")
+
+    def update(self, step: int, train_cas: float, ood: dict[str, float]) -> tuple[bool, bool]:
+        """Record one evaluation (the out-of-family scores by name: ``cas`` and the watched ones);
+        returns (is the new best under out-of-family CAS, guard triggered)."""
+        self.history.append((step, float(train_cas), {k: float(ood[k]) for k in sorted({"cas", *self.watch})}))
+        best = ood["cas"] > self.best_ood
         if best:
-            self.best_ood, self.best_step = float(ood_cas), step
+            self.best_ood, self.best_step = float(ood["cas"]), step
+        falling = self.diverging()
+        if falling and self.triggered_at is None:
+            self.triggered_at, self.triggered_by = step, falling[0]
+        return best, bool(falling)
+
+    def diverging(self) -> list[str]:
+        """Watched out-of-family scores that fell on each of the last ``patience`` changes, all of which
+        raised the training CAS (empty when the guard is quiet)."""
         h = self.history[-(self.patience + 1):]
-        hacking = len(h) == self.patience + 1 and all(
-            b[1] > a[1] and b[2] < a[2] for a, b in zip(h[:-1], h[1:], strict=True))
-        if hacking and self.triggered_at is None:
-            self.triggered_at = step
-        return best, hacking
+        if len(h) < self.patience + 1 or not all(b[1] > a[1] for a, b in zip(h[:-1], h[1:], strict=True)):
+            return []
+        return [k for k in self.watch if all(b[2][k] < a[2][k] for a, b in zip(h[:-1], h[1:], strict=True))]
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -315,7 +341,7 @@ def run_stage(config: dict, session: Session) -> StageState:
     use_scaler = model.mixed_precision == "fp16" and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
     state = StageState(stage)
-    guard = HackingGuard(int(cfg.train.hacking_patience))
+    guard = HackingGuard(int(cfg.train.hacking_patience), list(cfg.train.hacking_watch))
     best_lora: dict[str, torch.Tensor] | None = None
 
     resume = session.latest_checkpoint_dir()
@@ -402,7 +428,8 @@ def run_stage(config: dict, session: Session) -> StageState:
                 eval_metrics = periodic_evaluation(model, cfg, setups, knowledge, judge, tracker, state.step, stage)
                 info.update(eval_metrics)
                 eval_total += eval_metrics["eval/seconds"]
-                best, hacking = guard.update(state.step, eval_metrics["eval/train_cas"], eval_metrics["eval/ood_cas"])
+                best, hacking = guard.update(state.step, eval_metrics["eval/train_cas"],
+                                             {k: eval_metrics[f"eval/ood_{k}"] for k in {"cas", *guard.watch}})
                 if best:
                     best_lora = {k: v.clone() for k, v in model.lora_state_dict().items()}
                 if hacking and stage == "craft":
@@ -519,9 +546,10 @@ def periodic_evaluation(model: DiffusionModel, cfg: DictConfig, setups: dict[str
 
 def _warn_hacking(guard: HackingGuard, action: str, tracker) -> None:
     steps = [h[0] for h in guard.history[-(guard.patience + 1):]]
-    msg = (f"reward hacking suspected: training-evaluator CAS rose while out-of-family CAS fell over the "
-           f"evaluations at steps {steps}; best out-of-family CAS {guard.best_ood:.4f} at step {guard.best_step}; "
-           f"action: {action}")
+    scores = " and ".join("CAS" if k == "cas" else k for k in guard.diverging())
+    msg = (f"reward hacking suspected: the training evaluator's CAS rose while the out-of-family {scores} fell "
+           f"over the evaluations at steps {steps}; best out-of-family CAS {guard.best_ood:.4f} at step "
+           f"{guard.best_step}; action: {action}")
     warnings.warn(msg, stacklevel=2)
     print(f"WARNING: {msg}", flush=True)
     if tracker:

@@ -86,6 +86,8 @@ def test_print_and_flatten_round_trip() -> None:
         (["modality=lung"], "bad value 'lung' for config key 'modality'; valid choices: cxr, derm, fundus, histo"),
         (["stage=finetune"], "valid choices: sft, craft, all"),
         (["sampling.timestep_spacing=last"], "valid choices: model, leading, trailing, linspace"),
+        (["train.hacking_watch=[cas,sharpness]"], "'sharpness'. for config key 'train.hacking_watch': a non-empty list"),
+        (["train.hacking_watch=[]"], "a non-empty list of cas, label, checklist, modality, realism"),
         (["profile=huge"], "unknown profile 'huge'; known: sd, tiny"),
         (["train.sft_steps"], "malformed override 'train.sft_steps'; expected key=value"),
         (["=3"], "malformed override '=3'"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -42,14 +43,47 @@ def test_warmup_cosine_schedule():
 
 
 def test_hacking_guard_needs_patience_consecutive_divergences():
-    g = training.HackingGuard(patience=2)
-    assert g.update(10, 0.50, 0.40) == (True, False)
-    assert g.update(20, 0.55, 0.38) == (False, False)  # one divergence
-    assert g.update(30, 0.54, 0.37) == (False, False)  # train CAS fell: the streak is broken
-    assert g.update(40, 0.60, 0.36) == (False, False)
-    assert g.update(50, 0.65, 0.35) == (False, True)  # two in a row
+    g = training.HackingGuard(patience=2, watch=["cas"])
+    assert g.update(10, 0.50, {"cas": 0.40}) == (True, False)
+    assert g.update(20, 0.55, {"cas": 0.38}) == (False, False)  # one divergence
+    assert g.update(30, 0.54, {"cas": 0.37}) == (False, False)  # train CAS fell: the streak is broken
+    assert g.update(40, 0.60, {"cas": 0.36}) == (False, False)
+    assert g.update(50, 0.65, {"cas": 0.35}) == (False, True)  # two in a row
     assert g.best_step == 10 and g.best_ood == pytest.approx(0.40)
-    assert g.triggered_at == 50
+    assert g.triggered_at == 50 and g.triggered_by == "cas"
+
+
+def test_hacking_guard_watching_realism_catches_a_hack_the_cas_hides():
+    """Measured on the tiny world's cxr (240 CRAFT steps from the SFT LoRA, evaluations every 20 steps):
+    the training CAS rises, the out-of-family label score rises and its realism falls, so the
+    out-of-family CAS does not fall. Watching CAS alone misses it; watching realism catches it."""
+    evals = [  # step, training CAS, out-of-family CAS, out-of-family realism
+        (20, 0.473, 0.496, 0.099), (40, 0.471, 0.513, 0.081), (60, 0.486, 0.528, 0.060),
+        (80, 0.496, 0.524, 0.058), (100, 0.527, 0.540, 0.054)]
+    cas_only = training.HackingGuard(patience=3, watch=["cas"])
+    both = training.HackingGuard(patience=3, watch=["cas", "realism"])
+    for step, train_cas, ood_cas, ood_realism in evals:
+        ood = {"cas": ood_cas, "realism": ood_realism}
+        assert cas_only.update(step, train_cas, ood)[1] is False
+        assert both.update(step, train_cas, ood)[1] is (step == 100)
+    assert both.triggered_at == 100 and both.triggered_by == "realism" and both.diverging() == ["realism"]
+    assert cas_only.triggered_at is None and both.best_step == 100
+    # the state survives the checkpoint's JSON round trip, so a resumed run keeps its streak
+    again = training.HackingGuard(**json.loads(json.dumps(asdict(both))))
+    assert again.diverging() == ["realism"] and again.best_step == 100
+    assert again.update(120, 0.540, {"cas": 0.527, "realism": 0.050}) == (False, True)
+
+
+def test_hacking_guard_is_quiet_while_the_training_cas_does_not_rise():
+    g = training.HackingGuard(patience=2, watch=["cas", "realism"])
+    for step, train_cas in ((1, 0.50), (2, 0.50), (3, 0.49), (4, 0.48)):
+        assert g.update(step, train_cas, {"cas": 0.5 - step / 100, "realism": 0.1 - step / 100})[1] is False
+
+
+@pytest.mark.parametrize("kwargs", [{"watch": []}, {"watch": ["cas", "sharpness"]}, {"patience": 0}])
+def test_hacking_guard_refuses_bad_settings(kwargs):
+    with pytest.raises(UserError, match="hacking"):
+        training.HackingGuard(**{"patience": 2, **kwargs})
 
 
 def test_step_batches_are_disjoint_across_ranks_and_a_function_of_the_step(micro_world, tmp_path):
@@ -284,8 +318,11 @@ def test_reward_hacking_guard_rolls_back_to_the_best_out_of_family_checkpoint(tm
         state = training.run_stage(config, session)
     assert state.stopped_early and "rollback" in state.stopped_early
     assert state.step < 12
-    steps, train_cas, ood_cas = zip(*state.guard["history"], strict=True)
-    assert train_cas[-1] > train_cas[-2] and ood_cas[-1] < ood_cas[-2]  # what triggered it
+    steps, train_cas, ood = zip(*state.guard["history"], strict=True)
+    ood_cas = [o["cas"] for o in ood]
+    fell = state.guard["triggered_by"]  # a score the default train.hacking_watch names: cas or realism
+    assert fell in ("cas", "realism")
+    assert train_cas[-1] > train_cas[-2] and ood[-1][fell] < ood[-2][fell]  # what triggered it
     best = state.guard["best_step"]
     assert ood_cas[steps.index(best)] == max(ood_cas)
     final = load_file(str(root / "craft" / LORA_WEIGHT_NAME))
