@@ -225,11 +225,14 @@ class HackingGuard:
                             f"got {list(self.watch)}")
         if self.patience < 1:
             raise UserError(f"train.hacking_patience must be >= 1, got {self.patience}")
+        # a checkpoint written before the guard watched dimensions stores the out-of-family CAS as a number
+        self.history = [(h[0], h[1], h[2] if isinstance(h[2], dict) else {"cas": h[2]}) for h in self.history]
 
     def update(self, step: int, train_cas: float, ood: dict[str, float]) -> tuple[bool, bool]:
         """Record one evaluation (the out-of-family scores by name: ``cas`` and the watched ones);
         returns (is the new best under out-of-family CAS, guard triggered)."""
-        self.history.append((step, float(train_cas), {k: float(ood[k]) for k in sorted({"cas", *self.watch})}))
+        self.history.append((step, float(train_cas),
+                             {k: float(ood.get(k, math.nan)) for k in sorted({"cas", *self.watch})}))
         best = ood["cas"] > self.best_ood
         if best:
             self.best_ood, self.best_step = float(ood["cas"]), step
@@ -244,7 +247,8 @@ class HackingGuard:
         h = self.history[-(self.patience + 1):]
         if len(h) < self.patience + 1 or not all(b[1] > a[1] for a, b in zip(h[:-1], h[1:], strict=True)):
             return []
-        return [k for k in self.watch if all(b[2][k] < a[2][k] for a, b in zip(h[:-1], h[1:], strict=True))]
+        return [k for k in self.watch
+                if all(b[2].get(k, math.nan) < a[2].get(k, math.nan) for a, b in zip(h[:-1], h[1:], strict=True))]
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -429,7 +433,8 @@ def run_stage(config: dict, session: Session) -> StageState:
                 info.update(eval_metrics)
                 eval_total += eval_metrics["eval/seconds"]
                 best, hacking = guard.update(state.step, eval_metrics["eval/train_cas"],
-                                             {k: eval_metrics[f"eval/ood_{k}"] for k in {"cas", *guard.watch}})
+                                             {k: eval_metrics.get(f"eval/ood_{k}", math.nan)
+                                              for k in {"cas", *guard.watch}})
                 if best:
                     best_lora = {k: v.clone() for k, v in model.lora_state_dict().items()}
                 if hacking and stage == "craft":

@@ -72,6 +72,11 @@ def test_hacking_guard_watching_realism_catches_a_hack_the_cas_hides():
     again = training.HackingGuard(**json.loads(json.dumps(asdict(both))))
     assert again.diverging() == ["realism"] and again.best_step == 100
     assert again.update(120, 0.540, {"cas": 0.527, "realism": 0.050}) == (False, True)
+    # a checkpoint from before the guard watched dimensions (out-of-family CAS as a plain number) resumes
+    legacy = training.HackingGuard(patience=1, watch=["cas", "realism"], history=[[10, 0.50, 0.45]], best_step=10,
+                                   best_ood=0.45)
+    assert legacy.update(20, 0.55, {"cas": 0.44, "realism": 0.1}) == (False, True)
+    assert legacy.diverging() == ["cas"]  # realism has no earlier value to fall from
 
 
 def test_hacking_guard_is_quiet_while_the_training_cas_does_not_rise():
