@@ -432,9 +432,8 @@ def run_stage(config: dict, session: Session) -> StageState:
                 eval_metrics = periodic_evaluation(model, cfg, setups, knowledge, judge, tracker, state.step, stage)
                 info.update(eval_metrics)
                 eval_total += eval_metrics["eval/seconds"]
-                best, hacking = guard.update(state.step, eval_metrics["eval/train_cas"],
-                                             {k: eval_metrics.get(f"eval/ood_{k}", math.nan)
-                                              for k in {"cas", *guard.watch}})
+                ood = {k.removeprefix("eval/ood_"): v for k, v in eval_metrics.items() if k.startswith("eval/ood_")}
+                best, hacking = guard.update(state.step, eval_metrics["eval/train_cas"], ood)
                 if best:
                     best_lora = {k: v.clone() for k, v in model.lora_state_dict().items()}
                 if hacking and stage == "craft":
