@@ -149,6 +149,15 @@ class RewardConfig:
     shifts: int = 0  # score this many randomly shifted copies of each image and average (0 = the image as is)
     max_shift: float = 0.0625  # largest shift of a copy, as a fraction of the image side (reflect-padded)
     grad_sigma: float = 0.0  # blur the reward's image gradient by a Gaussian of this many pixels (0 = off)
+    draft_weight: float = 1.0  # weight of DRaFT-K's -reward term (0 = off: the preference term and the anchor only)
+    # Reward-ranked preference term (online Diffusion-DPO): each micro-step samples `preference_candidates`
+    # images for each of `preference_prompts` prompts with the LoRA being trained, ranks them by the reward, and
+    # trains the LoRA to prefer the best over the worst, relative to the LoRA CRAFT started from (the SFT LoRA).
+    preference_weight: float = 0.0  # weight of the preference term (0 = off)
+    preference_prompts: int = 0  # prompts per micro-step (0 = train.batch_size); each gives one (best, worst) pair
+    preference_candidates: int = 4  # samples per prompt ranked by the reward (>= 2)
+    preference_timesteps: int = 1  # noise levels each pair is scored at (more: a less noisy gradient, same samples)
+    preference_beta: float = 5000.0  # Diffusion-DPO's beta: larger keeps the LoRA closer to the SFT LoRA
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """``python -m craft_ray.train``: SFT baseline and CRAFT reward finetuning on Ray Train.
 
 The stages (DESIGN.md, "Training"): ``sft`` (LoRA adaptation with the diffusion loss),
-``craft`` (DRaFT-K reward finetuning on the CAS dimensions, from the SFT LoRA) and ``all`` (both,
+``craft`` (reward finetuning on the CAS dimensions from the SFT LoRA: DRaFT-K's reward gradient and/or a
+reward-ranked preference term) and ``all`` (both,
 then the SFT-vs-CRAFT evaluation table). Each training stage is one Ray Train ``TorchTrainer`` run
 named ``<name>-<stage>`` under ``ray.storage_path``: rerunning with the same ``name`` resumes from
 its last checkpoint (a finished stage is not trained again). The per-worker loop is
@@ -46,7 +47,8 @@ def stage_table() -> str:
     return "\n".join([
         "stages:",
         "  sft       LoRA adaptation with the diffusion loss (the baseline)",
-        "  craft     DRaFT-K reward finetuning on the CAS dimensions, from the SFT LoRA",
+        "  craft     reward finetuning on the CAS dimensions, from the SFT LoRA (DRaFT-K and/or the",
+        "            reward-ranked preference term; the tiny profile uses the preference term)",
         "  evaluate  SFT vs CRAFT on a fixed seed set (stage=all only)",
     ])
 
@@ -242,6 +244,10 @@ def train(cfg: DictConfig) -> int:
     stages = PLAN[cfg.stage]
     t_start = time.perf_counter()
     out_dir = Path(cfg.output_dir) / str(cfg.name)
+    if "craft" in stages:
+        from craft_ray.training import check_craft_objective
+
+        check_craft_objective(cfg.reward)
     tracking.client(cfg.tracking.tracking_uri)  # a refused tracking URI fails before Ray starts
     check_out_of_family(cfg.model.evaluator, cfg.model.ood_evaluator)
     init_ray(cfg)

@@ -6,7 +6,9 @@ One function, :func:`run_stage`, trains one stage on one worker (DDP rank):
   label-conditioned prompts (10 % of prompts dropped, so classifier-free guidance keeps working).
 - ``craft``: from the SFT LoRA, DRaFT-K: sample with DDIM from prompts drawn from the knowledge
   file, backpropagate the reward (weighted CAS dimensions of the training evaluator) through the
-  last K steps, and subtract ``beta`` times the diffusion loss on a real batch.
+  last K steps, and subtract ``beta`` times the diffusion loss on a real batch. Optionally
+  (``reward.preference_weight``) a reward-ranked preference term: online Diffusion-DPO on the best and
+  the worst of several samples per prompt, ranked by the same reward, relative to the SFT LoRA.
 
 Both use AdamW on the LoRA parameters only, gradient accumulation, warm-up + cosine decay, gradient
 clipping, autocast on GPU and (optionally) gradient checkpointing. Data order and noise are
@@ -33,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from craft_ray import evaluate as ev
@@ -319,6 +322,7 @@ def run_stage(config: dict, session: Session) -> StageState:
     stage = config["stage"]
     if stage not in ("sft", "craft"):
         raise UserError(f"unknown training stage {stage!r}; known: sft, craft")
+    check_craft_objective(cfg.reward)
     torch.set_num_threads(max(1, int(cfg.train.torch_threads)))
     torch.manual_seed(int(cfg.seed) + session.rank)
     rank, world, device = session.rank, session.world_size, session.device
@@ -339,6 +343,9 @@ def run_stage(config: dict, session: Session) -> StageState:
                 model.load_lora(folder)
         else:
             model.load_lora(init)
+    # the preference term's reference: the LoRA CRAFT starts from (taken before a checkpoint is resumed)
+    reference = ({n: p.detach().clone() for n, p in model.unet.named_parameters() if p.requires_grad}
+                 if stage == "craft" and float(cfg.reward.preference_weight) > 0 else None)
     params = model.trainable_parameters()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=float(cfg.train.weight_decay))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(int(cfg.train.warmup_steps), total))
@@ -403,7 +410,7 @@ def run_stage(config: dict, session: Session) -> StageState:
                     loss, parts = _sft_loss(model, real.batch(step * accum + micro), g)
                 else:
                     loss, parts = _craft_loss(model, cfg, reward_fn, pool, labels_cycle, real,
-                                              step * accum + micro, g, rank, world)
+                                              step * accum + micro, g, rank, world, reference)
                 scaler.scale(loss / accum).backward()
             for k, v in parts.items():
                 info[k] = info.get(k, 0.0) + v / accum
@@ -485,15 +492,66 @@ def _sft_loss(model: DiffusionModel, batch: dict, g: torch.Generator) -> tuple[t
     return loss, {"loss": float(loss.detach())}
 
 
+def check_craft_objective(reward: DictConfig) -> None:
+    """Refuse CRAFT objective settings that cannot train (``cfg.reward``)."""
+    if float(reward.draft_weight) < 0 or float(reward.preference_weight) < 0:
+        raise UserError(f"reward.draft_weight and reward.preference_weight must be >= 0, got "
+                        f"{reward.draft_weight} and {reward.preference_weight}")
+    if float(reward.draft_weight) == 0 and float(reward.preference_weight) == 0:
+        raise UserError("reward.draft_weight and reward.preference_weight are both 0: nothing would reward the model")
+    if (int(reward.preference_candidates) < 2 or float(reward.preference_beta) <= 0
+            or int(reward.preference_prompts) < 0 or int(reward.preference_timesteps) < 1):
+        raise UserError(f"reward.preference_candidates must be >= 2, reward.preference_beta > 0, "
+                        f"reward.preference_prompts >= 0 and reward.preference_timesteps >= 1; got "
+                        f"{reward.preference_candidates}, {reward.preference_beta}, {reward.preference_prompts} "
+                        f"and {reward.preference_timesteps}")
+
+
+def _craft_prompts(pool: dict[str, list[str]], labels_cycle: list[str], n: int, micro_step: int, g: torch.Generator,
+                   rank: int, world: int) -> tuple[list[str], list[str]]:
+    """``n`` labels, balanced over the label cycle, and a prompt for each drawn from its pool."""
+    first = (micro_step * world + rank) * n
+    labels = [labels_cycle[(first + i) % len(labels_cycle)] for i in range(n)]
+    prompts = [pool[lab][int(torch.randint(len(pool[lab]), (1,), generator=g))] for lab in labels]
+    return labels, prompts
+
+
 def _craft_loss(model: DiffusionModel, cfg: DictConfig, reward_fn, pool: dict[str, list[str]],
                 labels_cycle: list[str], real: StepBatches, micro_step: int, g: torch.Generator, rank: int,
-                world: int) -> tuple[torch.Tensor, dict[str, float]]:
-    """−mean reward of DRaFT-K samples + beta · diffusion loss on a real batch."""
+                world: int, reference: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """draft_weight · (−mean reward of DRaFT-K samples) + preference_weight · preference loss
+    + beta · diffusion loss on a real batch (``reference``: the preference term's reference LoRA)."""
+    r = cfg.reward
+    loss, parts = torch.zeros((), device=model.device), {}
+    if float(r.preference_weight) > 0:
+        if reference is None:
+            raise UserError("reward.preference_weight > 0 needs the reference LoRA (the one CRAFT starts from)")
+        pref, info = _preference_loss(model, cfg, reward_fn, pool, labels_cycle, micro_step, g, rank, world,
+                                      reference)
+        loss = loss + float(r.preference_weight) * pref
+        parts.update(info)
+    if float(r.draft_weight) > 0:
+        reward, info = _draft_reward(model, cfg, reward_fn, pool, labels_cycle, micro_step, g, rank, world)
+        loss = loss - float(r.draft_weight) * reward.mean()
+        parts.update(info)
+    beta = float(r.beta)
+    if beta > 0:
+        batch = real.batch(micro_step)
+        diff = model.diffusion_loss(batch["pixels"].to(model.device), batch["prompts"], generator=g,
+                                    cond_dropout=COND_DROPOUT)
+        loss = loss + beta * diff
+        parts["diffusion_loss"] = float(diff.detach())
+    parts["loss"] = float(loss.detach())
+    return loss, parts
+
+
+def _draft_reward(model: DiffusionModel, cfg: DictConfig, reward_fn, pool: dict[str, list[str]],
+                  labels_cycle: list[str], micro_step: int, g: torch.Generator, rank: int, world: int
+                  ) -> tuple[torch.Tensor, dict[str, float]]:
+    """DRaFT-K: the reward [B] of a batch sampled with gradients through the last K steps."""
     s = cfg.sampling
     b = int(cfg.train.batch_size)
-    first = (micro_step * world + rank) * b
-    labels = [labels_cycle[(first + i) % len(labels_cycle)] for i in range(b)]  # balanced over labels
-    prompts = [pool[lab][int(torch.randint(len(pool[lab]), (1,), generator=g))] for lab in labels]
+    labels, prompts = _craft_prompts(pool, labels_cycle, b, micro_step, g, rank, world)
     side = int(cfg.model.resolution) // model.latent_scale
     noise = torch.randn((b, model.latent_channels, side, side), generator=g).to(model.device)
     cond = model.encode_prompts(prompts)
@@ -512,18 +570,62 @@ def _craft_loss(model: DiffusionModel, cfg: DictConfig, reward_fn, pool: dict[st
             prompts = prompts * int(s.draft_lv_n)
     images = model.decode_latents(latents.float())
     reward, dims = reward_fn(images, prompts, [{"label": y} for y in labels], generator=g)
-    loss = -reward.mean()
     parts = {"reward": float(reward.detach().mean()), "k": float(k)}
     parts.update({f"reward_{d}": float(v.mean()) for d, v in dims.items()})
-    beta = float(cfg.reward.beta)
-    if beta > 0:
-        batch = real.batch(micro_step)
-        diff = model.diffusion_loss(batch["pixels"].to(model.device), batch["prompts"], generator=g,
-                                    cond_dropout=COND_DROPOUT)
-        loss = loss + beta * diff
-        parts["diffusion_loss"] = float(diff.detach())
-    parts["loss"] = float(loss.detach())
-    return loss, parts
+    return reward, parts
+
+
+def _preference_loss(model: DiffusionModel, cfg: DictConfig, reward_fn, pool: dict[str, list[str]],
+                     labels_cycle: list[str], micro_step: int, g: torch.Generator, rank: int, world: int,
+                     reference: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Online Diffusion-DPO (Wallace et al., 2024) on reward-ranked pairs of the model's own samples.
+
+    Each of P prompts gets N samples (no gradients, the sampler of DRaFT and evaluation); the reward
+    ranks them, and the best and the worst form a pair (x_w, x_l). With one noise and timestep per
+    pair (``reward.preference_timesteps`` of them), the loss is
+    −log σ(−β/2 · [(e_θ(x_w) − e_ref(x_w)) − (e_θ(x_l) − e_ref(x_l))]), e the per-sample denoising
+    error of the LoRA being trained (θ) and of the ``reference`` LoRA. It follows the reward's ranking
+    of whole samples rather than its gradient with respect to the pixels, which on the tiny world's cxr
+    is adversarial while the ranking is good (docs/cxr-experiments.md); both samples of a pair come
+    from the model, so what they share cancels.
+    """
+    s, r = cfg.sampling, cfg.reward
+    n, num = int(r.preference_candidates), int(r.preference_prompts) or int(cfg.train.batch_size)
+    labels, prompts = _craft_prompts(pool, labels_cycle, num, micro_step, g, rank, world)
+    side = int(cfg.model.resolution) // model.latent_scale
+    noise = torch.randn((num * n, model.latent_channels, side, side), generator=g).to(model.device)
+    unet = getattr(model.unet, "module", model.unet)
+    each = [p for p in prompts for _ in range(n)]
+    each_label = [lab for lab in labels for _ in range(n)]
+    with torch.no_grad():
+        cond = model.encode_prompts(each)
+        uncond = model.encode_prompts([""]).expand(num * n, -1, -1)
+        with model.autocast():
+            latents = sample(unet, model.scheduler, cond, uncond, noise, num_steps=int(s.num_steps),
+                             guidance_scale=float(s.guidance_scale), eta=float(s.eta), k=0, generator=g,
+                             grad_checkpointing=False, timestep_spacing=str(s.timestep_spacing)).latents.float()
+        reward, _ = reward_fn(model.decode_latents(latents), each, [{"label": y} for y in each_label], generator=g)
+    reward = reward.view(num, n)
+    best, worst = reward.argmax(dim=1), reward.argmin(dim=1)
+    first = torch.arange(num, device=reward.device) * n
+    reps = int(r.preference_timesteps)
+    pairs = num * reps  # each pair at `reps` noise levels
+    x0 = torch.cat([latents[first + best].repeat(reps, 1, 1, 1), latents[first + worst].repeat(reps, 1, 1, 1)])
+    eps = torch.randn(x0[:pairs].shape, generator=g).to(model.device).repeat(2, 1, 1, 1)
+    t = torch.randint(0, model.scheduler.config.num_train_timesteps, (pairs,), generator=g).to(model.device).repeat(2)
+    noisy = model.scheduler.add_noise(x0, eps, t)
+    target = eps if model.scheduler.config.prediction_type == "epsilon" else model.scheduler.get_velocity(x0, eps, t)
+    text = model.encode_prompts(prompts * reps * 2)
+    with torch.no_grad(), model.autocast():
+        ref = torch.func.functional_call(unet, reference, (noisy, t), {"encoder_hidden_states": text}).sample
+    ref_err = (ref.float() - target).pow(2).mean(dim=(1, 2, 3))
+    err = (model.predict(noisy, t, text) - target).pow(2).mean(dim=(1, 2, 3))
+    gap = err - ref_err
+    inside = -0.5 * float(r.preference_beta) * (gap[:pairs] - gap[pairs:])
+    loss = -F.logsigmoid(inside).mean()
+    return loss, {"preference_loss": float(loss.detach()), "preference_accuracy": float((inside > 0).float().mean()),
+                  "preference_reward_gap": float((reward.max(dim=1).values - reward.min(dim=1).values).mean()),
+                  "preference_reward": float(reward.mean())}
 
 
 def periodic_evaluation(model: DiffusionModel, cfg: DictConfig, setups: dict[str, ev.ScoringSetup], knowledge,
@@ -571,8 +673,9 @@ def _judge_client(cfg: DictConfig):
 
 
 def _print_progress(stage: str, step: int, total: int, info: dict[str, float], since: int) -> None:
-    keys = ("loss", "reward", "diffusion_loss", "grad_norm", "images_per_s", "eval/train_cas", "eval/ood_cas",
-            "eval/train_tail_rate", "eval/ood_tail_rate", "eval/judge", "eval/oracle_label")
+    keys = ("loss", "reward", "preference_loss", "preference_accuracy", "diffusion_loss", "grad_norm", "images_per_s",
+            "eval/train_cas", "eval/ood_cas", "eval/train_tail_rate", "eval/ood_tail_rate", "eval/judge",
+            "eval/oracle_label")
     parts = [f"{k.removeprefix('eval/')} {info[k]:.4g}" for k in keys if k in info and _finite(info[k])]
     print(f"[{stage}] step {step}/{total} " + " ".join(parts), flush=True)
 

@@ -66,6 +66,7 @@ def test_train_lists_stages() -> None:
         (["train.sft_steps"], "'train.sft_steps' is neither a YAML config file nor a key=value override"),
         (["modality=derm", "extra"], "unexpected argument 'extra'"),
         (["modality=xray"], "valid choices: cxr, derm, fundus, histo"),
+        (["reward.preference_candidates=1"], "reward.preference_candidates must be >= 2"),
         (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     ],
 )

@@ -20,6 +20,10 @@ from craft_ray.models.diffusion import LORA_WEIGHT_NAME
 from tests.conftest import MICRO_OVERRIDES
 
 
+# DRaFT-K alone (the tiny profile trains CRAFT with the preference term instead)
+DRAFT = ("reward.draft_weight=1", "reward.preference_weight=0")
+
+
 def micro_cfg(world: Path, tmp: Path, *extra: str):
     return load_config(None, [f"tiny_world={world}", *MICRO_OVERRIDES, f"data.cache_dir={tmp / 'cache'}",
                               f"output_dir={tmp / 'runs'}", f"ray.storage_path={tmp / 'ray'}",
@@ -152,7 +156,7 @@ def test_craft_stage_trains_with_the_configured_reward_form_and_shifts(micro_wor
         form, shifts = case[:2]
         tag = "-".join(map(str, case))
         cfg = micro_cfg(micro_world, tmp_path / tag, "train.craft_steps=1", f"reward.form={form}",
-                        f"reward.shifts={shifts}", "reward.beta=0", *extra)
+                        f"reward.shifts={shifts}", "reward.beta=0", *DRAFT, *extra)
         root = tmp_path / tag / "run"
         DiffusionModel.from_config(cfg.model).save_lora(root / "init" / LORA_WEIGHT_NAME)  # a zero LoRA to start from
         session = training.LocalSession(root / "ckpt-craft")
@@ -183,7 +187,7 @@ def test_craft_reward_gradient_reaches_lora_only(micro_world, tmp_path):
     from craft_ray.models.diffusion import DiffusionModel
     from craft_ray.rewards import make_reward
 
-    cfg = micro_cfg(micro_world, tmp_path)
+    cfg = micro_cfg(micro_world, tmp_path, *DRAFT)
     model = DiffusionModel.from_config(cfg.model)
     know = ev.load_knowledge_for(cfg)
     setup = ev.ScoringSetup.build(cfg, "train", know)
@@ -201,6 +205,121 @@ def test_craft_reward_gradient_reaches_lora_only(micro_world, tmp_path):
     frozen = [p for p in model.unet.parameters() if not p.requires_grad]
     assert frozen and all(p.grad is None for p in frozen)
     assert all(p.grad is None for p in setup.evaluator.model.parameters())
+
+
+def _brightness_reward(images, prompts, metadata, generator=None):
+    """A reward that ranks images by mean brightness (test double for the training evaluator)."""
+    value = images.mean(dim=(1, 2, 3))
+    return value, {"brightness": value.detach()}
+
+
+def _preference_setup(micro_world, tmp_path, *extra):
+    from craft_ray import evaluate as ev
+    from craft_ray.data.dataset import ImageDataset, load_dataset
+    from craft_ray.models.diffusion import DiffusionModel
+
+    cfg = micro_cfg(micro_world, tmp_path, "reward.draft_weight=0", "reward.preference_weight=1", "reward.beta=0",
+                    *extra)
+    model = DiffusionModel.from_config(cfg.model)
+    for p in model.trainable_parameters():  # a non-trivial LoRA to start from (B = 0 would zero A's gradient)
+        torch.nn.init.normal_(p, std=0.05)
+    reference = {n: p.detach().clone() for n, p in model.unet.named_parameters() if p.requires_grad}
+    know = ev.load_knowledge_for(cfg)
+    real = training.StepBatches(ImageDataset(load_dataset(cfg), "train", 32), 4, 0, 1, seed=0)
+    return cfg, model, reference, (training.craft_prompt_pool(cfg, know), know.labels(), real)
+
+
+def test_preference_term_is_log2_at_the_reference_and_a_step_prefers_the_winners(micro_world, tmp_path):
+    cfg, model, reference, (pool, labels, real) = _preference_setup(micro_world, tmp_path)
+
+    def loss_at(seed):
+        return training._craft_loss(model, cfg, _brightness_reward, pool, labels, real, 0,
+                                    torch.Generator().manual_seed(seed), 0, 1, reference)
+
+    loss, parts = loss_at(0)
+    # the LoRA is the reference: every pair's margin is 0, the loss is log 2
+    assert parts["preference_loss"] == pytest.approx(np.log(2), abs=1e-6)
+    assert parts["preference_reward_gap"] > 0 and "reward" not in parts and "diffusion_loss" not in parts
+    opt = torch.optim.SGD(model.trainable_parameters(), lr=0.05)
+    loss.backward()
+    frozen = [p for p in model.unet.parameters() if not p.requires_grad]
+    assert all(p.grad is None for p in frozen)
+    opt.step()
+    # the same pairs, noise and timesteps again: the step lowered the loss; the model now favours the winners
+    _, after = loss_at(0)
+    assert after["preference_loss"] < np.log(2) - 1e-4 and after["preference_accuracy"] > 0.5
+    with pytest.raises(UserError, match="reference LoRA"):
+        training._craft_loss(model, cfg, _brightness_reward, pool, labels, real, 0, torch.Generator(), 0, 1, None)
+
+
+@pytest.mark.slow
+def test_preference_training_follows_the_rewards_ranking():
+    """On the shipped tiny world, ten steps of the preference term alone, with a reward that ranks by
+    brightness, brighten the model's samples (measured: mean pixel -0.496 -> -0.451)."""
+    from craft_ray import evaluate as ev
+    from craft_ray.models.diffusion import DiffusionModel
+
+    cfg = load_config(None, ["reward.draft_weight=0", "reward.preference_weight=1", "reward.beta=0",
+                             "train.batch_size=4", "sampling.num_steps=4"])
+    model = DiffusionModel.from_config(cfg.model)  # the base model: B = 0, so the reference is the base model
+    reference = {n: p.detach().clone() for n, p in model.unet.named_parameters() if p.requires_grad}
+    know = ev.load_knowledge_for(cfg)
+    pool = training.craft_prompt_pool(cfg, know)
+    _, prompts, seeds = ev.eval_plan(cfg, 4, seed_offset=7)
+    before = float(ev.generate(model, prompts, seeds, cfg.sampling, 64).mean())
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=2e-3)
+    accuracy = []
+    for step in range(10):
+        loss, parts = training._craft_loss(model, cfg, _brightness_reward, pool, know.labels(), None, step,
+                                           torch.Generator().manual_seed(step), 0, 1, reference)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        accuracy.append(parts["preference_accuracy"])
+    after = float(ev.generate(model, prompts, seeds, cfg.sampling, 64).mean())
+    assert after > before + 0.02
+    assert np.mean(accuracy[5:]) > 0.75  # fresh pairs each step: the model ranks them as the reward does
+
+
+def test_craft_stage_with_draft_and_the_preference_term_trains_and_resumes_exactly(micro_world, tmp_path):
+    from craft_ray.models.diffusion import DiffusionModel
+
+    cfg = micro_cfg(micro_world, tmp_path, "train.craft_steps=2", "train.checkpoint_every=1", "train.eval_every=2",
+                    "reward.draft_weight=1", "reward.preference_weight=1", "reward.preference_candidates=2",
+                    "reward.preference_prompts=2", "reward.preference_timesteps=2")
+    root = tmp_path / "run"
+    init = DiffusionModel.from_config(cfg.model)
+    for p in init.trainable_parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    init.save_lora(root / "init" / LORA_WEIGHT_NAME)
+    session = training.LocalSession(root / "ckpt-craft", keep=10)
+    config = {"cfg": OmegaConf.to_container(cfg, resolve=True), "stage": "craft", "output_dir": str(root),
+              "init_lora": str(root / "init")}
+    training.run_stage(config, session)
+    steps = [r for r in session.reports if "preference_loss" in r]
+    assert steps and all(0 <= r["preference_accuracy"] <= 1 and "reward" in r for r in steps)
+    final = load_file(str(root / "craft" / LORA_WEIGHT_NAME))
+    # resume from step 1: the reference is the starting LoRA again, so the second step is the same
+    shutil.rmtree(sorted((root / "ckpt-craft").glob("checkpoint_*"))[-1])
+    training.run_stage(config, training.LocalSession(root / "ckpt-craft", keep=10))
+    again = load_file(str(root / "craft" / LORA_WEIGHT_NAME))
+    for key, value in final.items():
+        torch.testing.assert_close(again[key], value, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("override", ["reward.preference_candidates=1", "reward.preference_beta=0",
+                                      "reward.preference_weight=-1", "reward.preference_prompts=-1",
+                                      "reward.preference_timesteps=0"])
+def test_bad_preference_settings_are_refused(micro_world, tmp_path, override):
+    cfg = micro_cfg(micro_world, tmp_path, "reward.preference_weight=1", override)
+    with pytest.raises(UserError, match="reward.preference"):
+        training.check_craft_objective(cfg.reward)
+
+
+def test_craft_without_any_reward_term_is_refused(micro_world, tmp_path):
+    cfg = micro_cfg(micro_world, tmp_path, "reward.draft_weight=0", "reward.preference_weight=0")
+    with pytest.raises(UserError, match="nothing would reward"):
+        training.check_craft_objective(cfg.reward)
 
 
 # ----------------------------------------------------------------------------------------------- the driver
@@ -313,7 +432,7 @@ def test_reward_hacking_guard_rolls_back_to_the_best_out_of_family_checkpoint(tm
         "train.craft_steps=12", "train.craft_lr=0.05", "train.warmup_steps=0", "reward.beta=0",
         "reward.shifts=0",  # the plain reward: the tiny profile's shifted copies blunt this exploit
         "train.eval_every=1", "train.checkpoint_every=1", "train.hacking_patience=1",
-        "train.hacking_action=rollback", "train.max_grad_norm=100", "model.gradient_checkpointing=false"])
+        "train.hacking_action=rollback", "train.max_grad_norm=100", "model.gradient_checkpointing=false", *DRAFT])
     root = tmp_path / "run"
     base_lora = DiffusionModel.from_config(cfg.model).save_lora(tmp_path / "zero_lora")  # B = 0: the base model
     session = training.LocalSession(root / "ckpt-craft", keep=20)
