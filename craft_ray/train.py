@@ -184,8 +184,12 @@ def fit_stage(cfg: DictConfig, stage: str, run_id: str | None, init_lora: Any, e
               "use_judges": use_judges}
     n = int(cfg.train.num_workers)
     t = cfg.train
+    r = cfg.reward
+    preference = (f"; preference term: {int(r.preference_prompts) or t.batch_size} pairs per worker and micro-step, "
+                  f"the best and the worst of {r.preference_candidates} samples"
+                  if stage == "craft" and float(r.preference_weight) > 0 else "")
     print(f"[{stage}] {stage_steps(cfg, stage)} steps; effective batch {t.batch_size * t.grad_accum * max(1, n)} = "
-          f"{t.batch_size} per worker x {t.grad_accum} accumulation x {max(1, n)} worker(s)", flush=True)
+          f"{t.batch_size} per worker x {t.grad_accum} accumulation x {max(1, n)} worker(s){preference}", flush=True)
     storage = Path(cfg.ray.storage_path) if "://" not in str(cfg.ray.storage_path) else None
     if n == 0:
         session = training.LocalSession((storage or out_dir) / f"{cfg.name}-{stage}", keep=int(cfg.train.keep_checkpoints))
