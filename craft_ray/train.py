@@ -47,8 +47,8 @@ def stage_table() -> str:
     return "\n".join([
         "stages:",
         "  sft       LoRA adaptation with the diffusion loss (the baseline)",
-        "  craft     reward finetuning on the CAS dimensions, from the SFT LoRA (DRaFT-K and/or the",
-        "            reward-ranked preference term; the tiny profile uses the preference term)",
+        "  craft     reward finetuning on the CAS dimensions, from the SFT LoRA (DRaFT-K and/or a",
+        "            reward-ranked preference term)",
         "  evaluate  SFT vs CRAFT on a fixed seed set (stage=all only)",
     ])
 

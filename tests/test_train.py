@@ -19,7 +19,7 @@ from craft_ray.errors import UserError
 from craft_ray.models.diffusion import LORA_WEIGHT_NAME
 from tests.conftest import MICRO_OVERRIDES
 
-# DRaFT-K alone (the tiny profile trains CRAFT with the preference term instead)
+# DRaFT-K alone, whatever the profile sets (the preference term has its own tests)
 DRAFT = ("reward.draft_weight=1", "reward.preference_weight=0")
 
 
