@@ -306,6 +306,24 @@ def test_craft_stage_with_draft_and_the_preference_term_trains_and_resumes_exact
         torch.testing.assert_close(again[key], value, rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_craft_with_the_preference_term_on_two_ddp_workers(micro_world, tmp_path, ray_local, capsys):
+    from craft_ray import train
+
+    args = [f"tiny_world={micro_world}", *MICRO_OVERRIDES, f"data.cache_dir={tmp_path / 'cache'}",
+            f"output_dir={tmp_path / 'runs'}", f"ray.storage_path={tmp_path / 'ray'}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "name=t-pref-ddp", "cas.use_judge=false",
+            "train.sft_steps=2", "train.craft_steps=2", "train.eval_every=2", "train.checkpoint_every=2",
+            "train.num_workers=2", "train.cpus_per_worker=0.25", "reward.draft_weight=0",
+            "reward.preference_weight=1", "reward.preference_prompts=2", "reward.beta=0"]
+    assert train.main(args) == 0
+    out = capsys.readouterr().out
+    assert "preference term: 2 pairs per worker and micro-step, the best and the worst of 4 samples" in out
+    assert "SFT vs CRAFT" in out
+    state = json.loads(sorted((tmp_path / "ray" / "t-pref-ddp-craft").glob("checkpoint_*/state.json"))[-1].read_text())
+    assert state["step"] == 2 and state["images_seen"] == 2 * 2 * 4
+
+
 @pytest.mark.parametrize("override", ["reward.preference_candidates=1", "reward.preference_beta=0",
                                       "reward.preference_weight=-1", "reward.preference_prompts=-1",
                                       "reward.preference_timesteps=0"])
