@@ -322,7 +322,8 @@ def run_stage(config: dict, session: Session) -> StageState:
     stage = config["stage"]
     if stage not in ("sft", "craft"):
         raise UserError(f"unknown training stage {stage!r}; known: sft, craft")
-    check_craft_objective(cfg.reward)
+    if stage == "craft":
+        check_craft_objective(cfg.reward)
     torch.set_num_threads(max(1, int(cfg.train.torch_threads)))
     torch.manual_seed(int(cfg.seed) + session.rank)
     rank, world, device = session.rank, session.world_size, session.device
