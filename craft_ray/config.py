@@ -154,8 +154,9 @@ class RewardConfig:
     # images for each of `preference_prompts` prompts with the LoRA being trained, ranks them by the reward, and
     # trains the LoRA to prefer the best over the worst, relative to the LoRA CRAFT started from (the SFT LoRA).
     preference_weight: float = 0.0  # weight of the preference term (0 = off)
-    preference_prompts: int = 0  # prompts per micro-step (0 = train.batch_size); each gives one (best, worst) pair
+    preference_prompts: int = 0  # prompts per micro-step (0 = train.batch_size)
     preference_candidates: int = 4  # samples per prompt ranked by the reward (>= 2)
+    preference_pairs: str = "extremes"  # extremes: the best against the worst; all: every two candidates of a prompt
     preference_timesteps: int = 1  # noise levels each pair is scored at (more: a less noisy gradient, same samples)
     preference_beta: float = 5000.0  # Diffusion-DPO's beta: larger keeps the LoRA closer to the SFT LoRA
 

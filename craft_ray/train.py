@@ -185,9 +185,13 @@ def fit_stage(cfg: DictConfig, stage: str, run_id: str | None, init_lora: Any, e
     n = int(cfg.train.num_workers)
     t = cfg.train
     r = cfg.reward
-    preference = (f"; preference term: {int(r.preference_prompts) or t.batch_size} pairs per worker and micro-step, "
-                  f"the best and the worst of {r.preference_candidates} samples"
-                  if stage == "craft" and float(r.preference_weight) > 0 else "")
+    preference = ""
+    if stage == "craft" and float(r.preference_weight) > 0:
+        prompts, n_cand = int(r.preference_prompts) or t.batch_size, int(r.preference_candidates)
+        preference = (f"; preference term: {prompts} pairs per worker and micro-step, the best and the worst of "
+                      f"{n_cand} samples" if str(r.preference_pairs) == "extremes" else
+                      f"; preference term: {prompts} prompts per worker and micro-step, every two of {n_cand} samples "
+                      f"({n_cand * (n_cand - 1) // 2} pairs each)")
     print(f"[{stage}] {stage_steps(cfg, stage)} steps; effective batch {t.batch_size * t.grad_accum * max(1, n)} = "
           f"{t.batch_size} per worker x {t.grad_accum} accumulation x {max(1, n)} worker(s){preference}", flush=True)
     storage = Path(cfg.ray.storage_path) if "://" not in str(cfg.ray.storage_path) else None

@@ -500,6 +500,8 @@ def check_craft_objective(reward: DictConfig) -> None:
                         f"{reward.draft_weight} and {reward.preference_weight}")
     if float(reward.draft_weight) == 0 and float(reward.preference_weight) == 0:
         raise UserError("reward.draft_weight and reward.preference_weight are both 0: nothing would reward the model")
+    if str(reward.preference_pairs) not in ("extremes", "all"):
+        raise UserError(f"reward.preference_pairs must be extremes or all, got {reward.preference_pairs!r}")
     if (int(reward.preference_candidates) < 2 or float(reward.preference_beta) <= 0
             or int(reward.preference_prompts) < 0 or int(reward.preference_timesteps) < 1):
         raise UserError(f"reward.preference_candidates must be >= 2, reward.preference_beta > 0, "
@@ -582,8 +584,9 @@ def _preference_loss(model: DiffusionModel, cfg: DictConfig, reward_fn, pool: di
     """Online Diffusion-DPO (Wallace et al., 2024) on reward-ranked pairs of the model's own samples.
 
     Each of P prompts gets N samples (no gradients, the sampler of DRaFT and evaluation); the reward
-    ranks them, and the best and the worst form a pair (x_w, x_l). With one noise and timestep per
-    pair (``reward.preference_timesteps`` of them), the loss is
+    ranks them, and the best and the worst form a pair (x_w, x_l); with ``reward.preference_pairs=all``
+    every two of a prompt's candidates form one, the better one the winner. With one noise and timestep
+    shared by a prompt's candidates (``reward.preference_timesteps`` of them), the loss is the mean of
     −log σ(−β/2 · [(e_θ(x_w) − e_ref(x_w)) − (e_θ(x_l) − e_ref(x_l))]), e the per-sample denoising
     error of the LoRA being trained (θ) and of the ``reference`` LoRA. It follows the reward's ranking
     of whole samples rather than its gradient with respect to the pixels, which on the tiny world's cxr
@@ -607,22 +610,27 @@ def _preference_loss(model: DiffusionModel, cfg: DictConfig, reward_fn, pool: di
                              grad_checkpointing=False, timestep_spacing=str(s.timestep_spacing)).latents.float()
         reward, _ = reward_fn(model.decode_latents(latents), each, [{"label": y} for y in each_label], generator=g)
     reward = reward.view(num, n)
-    best, worst = reward.argmax(dim=1), reward.argmin(dim=1)
+    if str(r.preference_pairs) == "all":  # every candidate, best first: each earlier one wins against each later one
+        order = reward.argsort(dim=1, descending=True, stable=True)
+    else:  # the best and the worst
+        order = torch.stack([reward.argmax(dim=1), reward.argmin(dim=1)], dim=1)
+    m = order.shape[1]
     first = torch.arange(num, device=reward.device) * n
     reps = int(r.preference_timesteps)
-    pairs = num * reps  # each pair at `reps` noise levels
-    x0 = torch.cat([latents[first + best].repeat(reps, 1, 1, 1), latents[first + worst].repeat(reps, 1, 1, 1)])
-    eps = torch.randn(x0[:pairs].shape, generator=g).to(model.device).repeat(2, 1, 1, 1)
-    t = torch.randint(0, model.scheduler.config.num_train_timesteps, (pairs,), generator=g).to(model.device).repeat(2)
+    groups = num * reps  # each prompt's ranked candidates at `reps` noise levels, one noise shared within a group
+    x0 = torch.cat([latents[first + order[:, j]].repeat(reps, 1, 1, 1) for j in range(m)])
+    eps = torch.randn(x0[:groups].shape, generator=g).to(model.device).repeat(m, 1, 1, 1)
+    t = torch.randint(0, model.scheduler.config.num_train_timesteps, (groups,), generator=g).to(model.device).repeat(m)
     noisy = model.scheduler.add_noise(x0, eps, t)
     target = eps if model.scheduler.config.prediction_type == "epsilon" else model.scheduler.get_velocity(x0, eps, t)
-    text = model.encode_prompts(prompts * reps * 2)
+    text = model.encode_prompts(prompts * reps * m)
     with torch.no_grad(), model.autocast():
         ref = torch.func.functional_call(unet, reference, (noisy, t), {"encoder_hidden_states": text}).sample
     ref_err = (ref.float() - target).pow(2).mean(dim=(1, 2, 3))
     err = (model.predict(noisy, t, text) - target).pow(2).mean(dim=(1, 2, 3))
-    gap = err - ref_err
-    inside = -0.5 * float(r.preference_beta) * (gap[:pairs] - gap[pairs:])
+    gap = (err - ref_err).view(m, groups)
+    win, lose = torch.triu_indices(m, m, offset=1, device=gap.device)
+    inside = -0.5 * float(r.preference_beta) * (gap[win] - gap[lose])
     loss = -F.logsigmoid(inside).mean()
     return loss, {"preference_loss": float(loss.detach()), "preference_accuracy": float((inside > 0).float().mean()),
                   "preference_reward_gap": float((reward.max(dim=1).values - reward.min(dim=1).values).mean()),

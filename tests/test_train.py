@@ -228,8 +228,10 @@ def _preference_setup(micro_world, tmp_path, *extra):
     return cfg, model, reference, (training.craft_prompt_pool(cfg, know), know.labels(), real)
 
 
-def test_preference_term_is_log2_at_the_reference_and_a_step_prefers_the_winners(micro_world, tmp_path):
-    cfg, model, reference, (pool, labels, real) = _preference_setup(micro_world, tmp_path)
+@pytest.mark.parametrize("pairs", ["extremes", "all"])
+def test_preference_term_is_log2_at_the_reference_and_a_step_prefers_the_winners(micro_world, tmp_path, pairs):
+    cfg, model, reference, (pool, labels, real) = _preference_setup(micro_world, tmp_path,
+                                                                    f"reward.preference_pairs={pairs}")
 
     def loss_at(seed):
         return training._craft_loss(model, cfg, _brightness_reward, pool, labels, real, 0,
@@ -249,6 +251,26 @@ def test_preference_term_is_log2_at_the_reference_and_a_step_prefers_the_winners
     assert after["preference_loss"] < np.log(2) - 1e-4 and after["preference_accuracy"] > 0.5
     with pytest.raises(UserError, match="reference LoRA"):
         training._craft_loss(model, cfg, _brightness_reward, pool, labels, real, 0, torch.Generator(), 0, 1, None)
+
+
+def test_all_pairs_of_two_candidates_is_the_best_against_the_worst(micro_world, tmp_path):
+    """With 2 candidates the one pair is the best against the worst: the two settings compute the same loss
+    and gradient; with 4 candidates "all" scores 6 pairs per prompt and differs."""
+    def loss_and_grad(pairs, candidates):
+        torch.manual_seed(0)  # the same starting LoRA each time
+        cfg, model, reference, (pool, labels, real) = _preference_setup(
+            micro_world, tmp_path, f"reward.preference_pairs={pairs}", f"reward.preference_candidates={candidates}",
+            "reward.preference_prompts=2", "reward.preference_timesteps=2")
+        for p in model.trainable_parameters():  # away from the reference, so the margins are not 0
+            p.data.add_(0.01 * torch.randn_like(p))
+        loss, _ = training._craft_loss(model, cfg, _brightness_reward, pool, labels, real, 0,
+                                       torch.Generator().manual_seed(5), 0, 1, reference)
+        loss.backward()
+        return float(loss), torch.cat([p.grad.flatten() for p in model.trainable_parameters()])
+
+    (l_ext, g_ext), (l_all, g_all) = loss_and_grad("extremes", 2), loss_and_grad("all", 2)
+    assert l_all == l_ext and torch.equal(g_all, g_ext)
+    assert loss_and_grad("all", 4)[0] != loss_and_grad("extremes", 4)[0]
 
 
 @pytest.mark.slow
@@ -326,7 +348,7 @@ def test_craft_with_the_preference_term_on_two_ddp_workers(micro_world, tmp_path
 
 @pytest.mark.parametrize("override", ["reward.preference_candidates=1", "reward.preference_beta=0",
                                       "reward.preference_weight=-1", "reward.preference_prompts=-1",
-                                      "reward.preference_timesteps=0"])
+                                      "reward.preference_timesteps=0", "reward.preference_pairs=best"])
 def test_bad_preference_settings_are_refused(micro_world, tmp_path, override):
     cfg = micro_cfg(micro_world, tmp_path, "reward.preference_weight=1", override)
     with pytest.raises(UserError, match="reward.preference"):
