@@ -177,7 +177,7 @@ def fit_stage(cfg: DictConfig, stage: str, run_id: str | None, init_lora: Any, e
     Returns the stage's final checkpoint (a ``ray.train.Checkpoint`` or a local folder) and its metrics.
     """
     from craft_ray import training
-    from craft_ray.training import stage_steps
+    from craft_ray.training import images_per_micro_step, stage_steps
 
     config = {"cfg": OmegaConf.to_container(cfg, resolve=True), "stage": stage, "init_lora": init_lora,
               "mlflow_run_id": run_id, "output_dir": str(out_dir), "extra_prompts": extra_prompts,
@@ -192,8 +192,9 @@ def fit_stage(cfg: DictConfig, stage: str, run_id: str | None, init_lora: Any, e
                       f"{n_cand} samples" if str(r.preference_pairs) == "extremes" else
                       f"; preference term: {prompts} prompts per worker and micro-step, every two of {n_cand} samples "
                       f"({n_cand * (n_cand - 1) // 2} pairs each)")
-    print(f"[{stage}] {stage_steps(cfg, stage)} steps; effective batch {t.batch_size * t.grad_accum * max(1, n)} = "
-          f"{t.batch_size} per worker x {t.grad_accum} accumulation x {max(1, n)} worker(s){preference}", flush=True)
+    per = images_per_micro_step(cfg, stage)
+    print(f"[{stage}] {stage_steps(cfg, stage)} steps; effective batch {per * t.grad_accum * max(1, n)} = "
+          f"{per} per worker x {t.grad_accum} accumulation x {max(1, n)} worker(s){preference}", flush=True)
     storage = Path(cfg.ray.storage_path) if "://" not in str(cfg.ray.storage_path) else None
     if n == 0:
         session = training.LocalSession((storage or out_dir) / f"{cfg.name}-{stage}", keep=int(cfg.train.keep_checkpoints))

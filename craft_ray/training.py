@@ -296,6 +296,17 @@ def stage_steps(cfg: DictConfig, stage: str) -> int:
     return int(cfg.train.sft_steps if stage == "sft" else cfg.train.craft_steps)
 
 
+def images_per_micro_step(cfg: DictConfig, stage: str) -> int:
+    """Images one worker trains on per micro-step: SFT's real batch; CRAFT's generated images (DRaFT's
+    batch and the preference term's candidates), or the real batch when only the anchor is on."""
+    b, r = int(cfg.train.batch_size), cfg.reward
+    if stage == "sft":
+        return b
+    generated = (b if float(r.draft_weight) > 0 else 0) + (
+        (int(r.preference_prompts) or b) * int(r.preference_candidates) if float(r.preference_weight) > 0 else 0)
+    return generated or b
+
+
 # ----------------------------------------------------------------------------------------------- the loop
 
 
@@ -332,6 +343,7 @@ def run_stage(config: dict, session: Session) -> StageState:
     lr = float(cfg.train.sft_lr if stage == "sft" else cfg.train.craft_lr)
     accum = int(cfg.train.grad_accum)
     batch_size = int(cfg.train.batch_size)
+    step_images = images_per_micro_step(cfg, stage) * accum * world
 
     model = DiffusionModel.from_config(cfg.model, device, seed=int(cfg.seed))
     if stage == "craft":
@@ -423,10 +435,10 @@ def run_stage(config: dict, session: Session) -> StageState:
         opt.zero_grad(set_to_none=True)
         sched.step()
         state.step += 1
-        state.images_seen += batch_size * accum * world
+        state.images_seen += step_images
         dt = time.perf_counter() - t0
         window_t += dt
-        window_images += batch_size * accum * world
+        window_images += step_images
         info.update(lr=sched.get_last_lr()[0], step_time_s=dt)
         if rank == 0:
             _write_json(progress, {"stage": stage, "step": state.step, "total": total, "pid": os.getpid(),

@@ -19,8 +19,9 @@ from craft_ray.errors import UserError
 from craft_ray.models.diffusion import LORA_WEIGHT_NAME
 from tests.conftest import MICRO_OVERRIDES
 
-# DRaFT-K alone, whatever the profile sets (the preference term has its own tests)
-DRAFT = ("reward.draft_weight=1", "reward.preference_weight=0")
+# The DESIGN's DRaFT-K (its reward gradient and the real-batch anchor), whatever the profile sets (the tiny
+# profile's preference term has its own tests)
+DRAFT = ("reward.draft_weight=1", "reward.preference_weight=0", "reward.beta=0.5")
 
 
 def micro_cfg(world: Path, tmp: Path, *extra: str):
@@ -155,7 +156,7 @@ def test_craft_stage_trains_with_the_configured_reward_form_and_shifts(micro_wor
         form, shifts = case[:2]
         tag = "-".join(map(str, case))
         cfg = micro_cfg(micro_world, tmp_path / tag, "train.craft_steps=1", f"reward.form={form}",
-                        f"reward.shifts={shifts}", "reward.beta=0", *DRAFT, *extra)
+                        f"reward.shifts={shifts}", *DRAFT, "reward.beta=0", *extra)
         root = tmp_path / tag / "run"
         DiffusionModel.from_config(cfg.model).save_lora(root / "init" / LORA_WEIGHT_NAME)  # a zero LoRA to start from
         session = training.LocalSession(root / "ckpt-craft")
@@ -281,6 +282,7 @@ def test_preference_training_follows_the_rewards_ranking():
     from craft_ray.models.diffusion import DiffusionModel
 
     cfg = load_config(None, ["reward.draft_weight=0", "reward.preference_weight=1", "reward.beta=0",
+                             "reward.preference_pairs=extremes", "reward.preference_prompts=0",
                              "train.batch_size=4", "sampling.num_steps=4"])
     model = DiffusionModel.from_config(cfg.model)  # the base model: B = 0, so the reference is the base model
     reference = {n: p.detach().clone() for n, p in model.unet.named_parameters() if p.requires_grad}
@@ -340,10 +342,12 @@ def test_craft_with_the_preference_term_on_two_ddp_workers(micro_world, tmp_path
             "reward.preference_weight=1", "reward.preference_prompts=2", "reward.beta=0"]
     assert train.main(args) == 0
     out = capsys.readouterr().out
-    assert "preference term: 2 pairs per worker and micro-step, the best and the worst of 4 samples" in out
+    assert "preference term: 2 prompts per worker and micro-step, every two of 4 samples (6 pairs each)" in out
     assert "SFT vs CRAFT" in out
     state = json.loads(sorted((tmp_path / "ray" / "t-pref-ddp-craft").glob("checkpoint_*/state.json"))[-1].read_text())
-    assert state["step"] == 2 and state["images_seen"] == 2 * 2 * 4
+    # 2 steps x 2 workers x (2 prompts x 4 candidates) generated images
+    assert state["step"] == 2 and state["images_seen"] == 2 * 2 * 8
+    assert "[craft] 2 steps; effective batch 16 = 8 per worker x 1 accumulation x 2 worker(s)" in out
 
 
 @pytest.mark.parametrize("override", ["reward.preference_candidates=1", "reward.preference_beta=0",
@@ -353,6 +357,19 @@ def test_bad_preference_settings_are_refused(micro_world, tmp_path, override):
     cfg = micro_cfg(micro_world, tmp_path, "reward.preference_weight=1", override)
     with pytest.raises(UserError, match="reward.preference"):
         training.check_craft_objective(cfg.reward)
+
+
+@pytest.mark.parametrize(("overrides", "stage", "images"), [
+    ((), "sft", 4),  # the real batch
+    (DRAFT, "craft", 4),  # DRaFT's sampled batch
+    (("reward.draft_weight=0", "reward.preference_weight=1", "reward.preference_prompts=2"), "craft", 8),
+    (("reward.draft_weight=0", "reward.preference_weight=1", "reward.preference_prompts=0"), "craft", 16),
+    (("reward.draft_weight=1", "reward.preference_weight=1", "reward.preference_prompts=3",
+      "reward.preference_candidates=2"), "craft", 4 + 6),
+])
+def test_images_per_micro_step_counts_what_the_stage_trains_on(micro_world, tmp_path, overrides, stage, images):
+    cfg = micro_cfg(micro_world, tmp_path, *overrides)  # train.batch_size=4
+    assert training.images_per_micro_step(cfg, stage) == images
 
 
 def test_craft_without_any_reward_term_is_refused(micro_world, tmp_path):
@@ -468,10 +485,10 @@ def test_reward_hacking_guard_rolls_back_to_the_best_out_of_family_checkpoint(tm
         f"model.evaluator.model=local-dir:{random_vit}", f"data.cache_dir={tmp_path / 'cache'}",
         "data.n_train=48", "data.n_val=8", "data.n_test=48", "sampling.num_steps=4", "train.batch_size=4",
         "train.torch_threads=1", "train.eval_images_per_label=2", "train.log_every=1", "cas.use_judge=false",
-        "train.craft_steps=12", "train.craft_lr=0.05", "train.warmup_steps=0", "reward.beta=0",
+        *DRAFT, "train.craft_steps=12", "train.craft_lr=0.05", "train.warmup_steps=0", "reward.beta=0",
         "reward.shifts=0",  # the plain reward: the tiny profile's shifted copies blunt this exploit
         "train.eval_every=1", "train.checkpoint_every=1", "train.hacking_patience=1",
-        "train.hacking_action=rollback", "train.max_grad_norm=100", "model.gradient_checkpointing=false", *DRAFT])
+        "train.hacking_action=rollback", "train.max_grad_norm=100", "model.gradient_checkpointing=false"])
     root = tmp_path / "run"
     base_lora = DiffusionModel.from_config(cfg.model).save_lora(tmp_path / "zero_lora")  # B = 0: the base model
     session = training.LocalSession(root / "ckpt-craft", keep=20)
