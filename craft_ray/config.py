@@ -152,7 +152,7 @@ class RewardConfig:
     draft_weight: float = 1.0  # weight of DRaFT-K's -reward term (0 = off: the preference term and the anchor only)
     # Reward-ranked preference term (online Diffusion-DPO): each micro-step samples `preference_candidates`
     # images for each of `preference_prompts` prompts with the LoRA being trained, ranks them by the reward, and
-    # trains the LoRA to prefer the best over the worst, relative to the LoRA CRAFT started from (the SFT LoRA).
+    # trains the LoRA to prefer the better of each pair (`preference_pairs`), relative to the LoRA CRAFT started from.
     preference_weight: float = 0.0  # weight of the preference term (0 = off)
     preference_prompts: int = 0  # prompts per micro-step (0 = train.batch_size)
     preference_candidates: int = 4  # samples per prompt ranked by the reward (>= 2)

@@ -7,8 +7,9 @@ One function, :func:`run_stage`, trains one stage on one worker (DDP rank):
 - ``craft``: from the SFT LoRA, DRaFT-K: sample with DDIM from prompts drawn from the knowledge
   file, backpropagate the reward (weighted CAS dimensions of the training evaluator) through the
   last K steps, and subtract ``beta`` times the diffusion loss on a real batch. Optionally
-  (``reward.preference_weight``) a reward-ranked preference term: online Diffusion-DPO on the best and
-  the worst of several samples per prompt, ranked by the same reward, relative to the SFT LoRA.
+  (``reward.preference_weight``; the tiny profile's CRAFT) a reward-ranked preference term: online
+  Diffusion-DPO on pairs of several samples per prompt (the best and the worst, or every two), ranked
+  by the same reward, relative to the SFT LoRA.
 
 Both use AdamW on the LoRA parameters only, gradient accumulation, warm-up + cosine decay, gradient
 clipping, autocast on GPU and (optionally) gradient checkpointing. Data order and noise are
@@ -298,13 +299,12 @@ def stage_steps(cfg: DictConfig, stage: str) -> int:
 
 def images_per_micro_step(cfg: DictConfig, stage: str) -> int:
     """Images one worker trains on per micro-step: SFT's real batch; CRAFT's generated images (DRaFT's
-    batch and the preference term's candidates), or the real batch when only the anchor is on."""
+    batch and the preference term's candidates; check_craft_objective refuses a CRAFT with neither)."""
     b, r = int(cfg.train.batch_size), cfg.reward
     if stage == "sft":
         return b
-    generated = (b if float(r.draft_weight) > 0 else 0) + (
+    return (b if float(r.draft_weight) > 0 else 0) + (
         (int(r.preference_prompts) or b) * int(r.preference_candidates) if float(r.preference_weight) > 0 else 0)
-    return generated or b
 
 
 # ----------------------------------------------------------------------------------------------- the loop
