@@ -191,8 +191,12 @@ class TrainConfig:
     warmup_steps: int = 10  # linear warm-up, then cosine decay to 0
     max_grad_norm: float = 1.0  # gradient clipping (L2 norm)
     eval_every: int = 20  # steps between periodic evaluations
+    sft_eval_every: int | None = None  # steps between the SFT stage's periodic evaluations; null = eval_every
     eval_images_per_label: int = 16  # periodic evaluation: images per label (fixed seed set)
     final_images_per_label: int = 64  # final SFT-vs-CRAFT evaluation: images per label (another fixed seed set)
+    # Ray tasks (train.cpus_per_worker CPUs each) that split each LoRA's final evaluation by label; the
+    # SFT LoRA's are submitted when SFT ends and run while CRAFT trains, where the cluster has room
+    final_eval_tasks: int = 1
     log_every: int = 10  # steps between progress lines and MLflow metric logs
     checkpoint_every: int = 20  # steps between checkpoints
     keep_checkpoints: int = 2  # CheckpointConfig.num_to_keep
@@ -411,6 +415,41 @@ def load_config(
                 OmegaConf.update(cfg, key, os.path.abspath(value))
     OmegaConf.set_readonly(cfg, False)
     return cfg
+
+
+# ----------------------------------------------------------------------------------------------- checks
+# Pure checks of a config, here so that a driver can refuse a config before importing torch.
+
+
+def check_craft_objective(reward: DictConfig) -> None:
+    """Refuse CRAFT objective settings that cannot train (``cfg.reward``)."""
+    if float(reward.draft_weight) < 0 or float(reward.preference_weight) < 0:
+        raise UserError(f"reward.draft_weight and reward.preference_weight must be >= 0, got "
+                        f"{reward.draft_weight} and {reward.preference_weight}")
+    if float(reward.draft_weight) == 0 and float(reward.preference_weight) == 0:
+        raise UserError("reward.draft_weight and reward.preference_weight are both 0: nothing would reward the model")
+    if str(reward.preference_pairs) not in ("extremes", "all"):
+        raise UserError(f"reward.preference_pairs must be extremes or all, got {reward.preference_pairs!r}")
+    if (int(reward.preference_candidates) < 2 or float(reward.preference_beta) <= 0
+            or int(reward.preference_prompts) < 0 or int(reward.preference_timesteps) < 1):
+        raise UserError(f"reward.preference_candidates must be >= 2, reward.preference_beta > 0, "
+                        f"reward.preference_prompts >= 0 and reward.preference_timesteps >= 1; got "
+                        f"{reward.preference_candidates}, {reward.preference_beta}, {reward.preference_prompts} "
+                        f"and {reward.preference_timesteps}")
+
+
+def check_out_of_family(train: Any, ood: Any) -> None:
+    """Raise UserError unless the out-of-family evaluator's family differs from the training one's
+    (``model.evaluator`` and ``model.ood_evaluator``, or loaded evaluators)."""
+    train_family, ood_family = str(train.family).lower(), str(ood.family).lower()
+    if train_family == ood_family:
+        train_id = getattr(train, "id", None) or train.model
+        ood_id = getattr(ood, "id", None) or ood.model
+        raise UserError(
+            f"out-of-family evaluator {ood_id!r} has family {ood_family!r}, the same as the training "
+            f"evaluator {train_id!r}; set model.ood_evaluator to a model of another architecture family "
+            "(e.g. vit for training, convnet for audits) so the audit is not the score being optimised"
+        )
 
 
 def to_yaml(cfg: DictConfig | ListConfig) -> str:

@@ -303,25 +303,35 @@ def image_grid(images: np.ndarray, ncol: int) -> np.ndarray:
     return grid
 
 
-def evaluate_loras(cfg: Any, loras: Mapping[str, str | Path | None], *, n_per_label: int, judge=None,
-                   device: str | torch.device = "cpu") -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
-    """Generate the final evaluation set (a seed set disjoint from the periodic one) with each LoRA
-    (None = the base model) and score it; returns ({name: per-image scores}, {evaluator: tau})."""
+def evaluate_lora(cfg: Any, lora: str | Path | None, *, n_per_label: int, labels: Sequence[str] | None = None,
+                  judge=None, device: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, float]]:
+    """Generate the final evaluation set (a seed set disjoint from the periodic one) with ``lora`` (None =
+    the base model) and score it; returns (per-image scores, {evaluator: tau}).
+
+    ``labels``: only these labels' part of the set, with the seeds the whole set gives them, so shards
+    split by label concatenate (:func:`merge_scores`) to the whole set. The scores carry ``thumbs``,
+    uint8 [k,H,W,3], every (n_per_label // 8)-th image, for a sample grid.
+    """
     from craft_ray.models.diffusion import DiffusionModel
 
     knowledge = load_knowledge_for(cfg)
     manifest = load_dataset(cfg)
     setups = {w: ScoringSetup.build(cfg, w, knowledge, device, manifest) for w in EVALUATORS}
-    labels, prompts, seeds = eval_plan(cfg, n_per_label, seed_offset=1_000_000)
-    runs: dict[str, dict[str, Any]] = {}
-    for name, lora in loras.items():
-        model = DiffusionModel.from_config(cfg.model, device, seed=int(cfg.seed))
-        if lora is not None:
-            model.load_lora(lora)
-        images = generate(model, prompts, seeds, cfg.sampling, int(cfg.model.resolution))
-        runs[name] = score_images(images, labels, setups, cfg, judge=judge, knowledge=knowledge)
-        runs[name]["grid"] = image_grid(to_uint8(images[:: max(1, n_per_label // 8)]), 8)
-    return runs, {w: s.threshold.tau for w, s in setups.items()}
+    plan = list(zip(*eval_plan(cfg, n_per_label, seed_offset=1_000_000), strict=True))
+    if labels is not None:
+        unknown = sorted(set(labels) - {lab for lab, _, _ in plan})
+        if unknown:
+            raise UserError(f"no such labels in the {cfg.modality} evaluation set: {', '.join(unknown)}")
+        keep = set(labels)
+        plan = [row for row in plan if row[0] in keep]
+    names, prompts, seeds = ([row[i] for row in plan] for i in range(3))
+    model = DiffusionModel.from_config(cfg.model, device, seed=int(cfg.seed))
+    if lora is not None:
+        model.load_lora(lora)
+    images = generate(model, prompts, seeds, cfg.sampling, int(cfg.model.resolution))
+    scores = score_images(images, names, setups, cfg, judge=judge, knowledge=knowledge)
+    scores["thumbs"] = to_uint8(images[:: max(1, n_per_label // 8)])
+    return scores, {w: s.threshold.tau for w, s in setups.items()}
 
 
 # ----------------------------------------------------------------------------------------- the command

@@ -11,9 +11,11 @@ its last checkpoint (a finished stage is not trained again). The per-worker loop
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -144,10 +146,9 @@ def _prepare(cfg_dict: dict) -> dict[str, float]:
     return {w: ev.ScoringSetup.build(cfg, w, knowledge, "cpu", manifest).threshold.tau for w in ev.EVALUATORS}
 
 
-def _final_evaluation(cfg_dict: dict, loras: dict[str, Any], use_judges: bool) -> tuple[dict, dict]:
-    """The SFT-vs-CRAFT evaluation (in a Ray task on a training node): per-image scores and taus."""
-    import contextlib
-
+def _final_evaluation(cfg_dict: dict, lora: Any, labels: list[str], use_judges: bool) -> tuple[dict, dict]:
+    """One shard of a LoRA's final evaluation (a Ray task on a training node): the per-image scores of
+    ``labels``' part of the fixed seed set, and the taus."""
     import torch
 
     from craft_ray import evaluate as ev
@@ -160,11 +161,36 @@ def _final_evaluation(cfg_dict: dict, loras: dict[str, Any], use_judges: bool) -
         from craft_ray.training import _judge_client
 
         judge = _judge_client(cfg)
-    with contextlib.ExitStack() as stack:
-        paths = {name: stack.enter_context(ck.as_directory()) if hasattr(ck, "as_directory") else ck
-                 for name, ck in loras.items()}
-        return ev.evaluate_loras(cfg, paths, n_per_label=int(cfg.train.final_images_per_label), judge=judge,
-                                 device=device)
+    n = int(cfg.train.final_images_per_label)
+    if hasattr(lora, "as_directory"):  # a ray.train.Checkpoint
+        with lora.as_directory() as folder:
+            return ev.evaluate_lora(cfg, folder, n_per_label=n, labels=labels, judge=judge, device=device)
+    return ev.evaluate_lora(cfg, lora, n_per_label=n, labels=labels, judge=judge, device=device)
+
+
+def submit_final_evaluation(cfg: DictConfig, lora: Any, use_judges: bool) -> list[Any]:
+    """Submit a LoRA's final evaluation as ``train.final_eval_tasks`` Ray tasks, each a share of the labels;
+    returns their object refs (see :func:`gather_final_evaluation`)."""
+    import ray
+
+    from craft_ray.modalities import get_modality
+
+    labels = get_modality(cfg.modality).label_names(cfg.data.dataset)
+    n = int(cfg.train.final_eval_tasks)
+    shards = [part for i in range(n) if (part := labels[len(labels) * i // n:len(labels) * (i + 1) // n])]
+    task = ray.remote(_final_evaluation).options(**_remote_options(cfg))
+    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
+    return [task.remote(cfg_dict, lora, list(part), use_judges) for part in shards]
+
+
+def gather_final_evaluation(refs: list[Any]) -> tuple[dict, dict]:
+    """The per-image scores of a LoRA's whole final evaluation set, and the taus, from its shards."""
+    import ray
+
+    from craft_ray import evaluate as ev
+
+    parts = ray.get(refs)
+    return ev.merge_scores([scores for scores, _ in parts]), parts[0][1]
 
 
 # ----------------------------------------------------------------------------------------------- stages
@@ -229,6 +255,49 @@ def fit_stage(cfg: DictConfig, stage: str, run_id: str | None, init_lora: Any, e
     return result.checkpoint, dict(result.metrics or {})
 
 
+@contextlib.contextmanager
+def _evaluate_once_training(cfg: DictConfig, out_dir: Path, stage: str, sft: Any, use_judges: bool,
+                            evaluations: dict[str, list[Any]]):
+    """While the body trains ``stage``, submit the final evaluation of the ``sft`` LoRA (unless None) to
+    ``evaluations["sft"]`` once the stage has taken its first step, so that its tasks use the core the
+    training loop leaves free rather than slow the worker group's start; at the latest when the body
+    ends. The first step shows in rank 0's ``progress.json`` under ``out_dir`` (on a worker node
+    elsewhere it does not: then at the end)."""
+    from craft_ray.training import read_progress
+
+    if sft is None:
+        yield
+        return
+    started, done = time.time(), threading.Event()
+
+    def training() -> bool:
+        try:
+            progress = read_progress(out_dir, stage)
+        except (OSError, ValueError):
+            return False
+        return progress is not None and float(progress.get("time", 0)) >= started
+
+    failed: list[BaseException] = []
+
+    def wait_then_submit() -> None:
+        while not done.is_set() and not training():
+            done.wait(1.0)
+        try:
+            evaluations["sft"] = submit_final_evaluation(cfg, sft, use_judges)
+        except BaseException as exc:  # raised in the caller's thread below
+            failed.append(exc)
+
+    thread = threading.Thread(target=wait_then_submit, name="submit-sft-evaluation", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+    if failed:
+        raise failed[0]
+
+
 def _init_lora(cfg: DictConfig, out_dir: Path, sft_checkpoint: Any) -> Any:
     if sft_checkpoint is not None:
         return sft_checkpoint
@@ -248,20 +317,22 @@ def train(cfg: DictConfig) -> int:
     import ray
 
     from craft_ray import tracking
-    from craft_ray.models.evaluators import check_out_of_family
+    from craft_ray.config import check_craft_objective, check_out_of_family
 
     stages = PLAN[cfg.stage]
     t_start = time.perf_counter()
     out_dir = Path(cfg.output_dir) / str(cfg.name)
     if "craft" in stages:
-        from craft_ray.training import check_craft_objective
-
         check_craft_objective(cfg.reward)
+    if "evaluate" in stages and int(cfg.train.final_eval_tasks) < 1:
+        raise UserError(f"train.final_eval_tasks={cfg.train.final_eval_tasks}: need at least 1 Ray task")
     tracking.client(cfg.tracking.tracking_uri)  # a refused tracking URI fails before Ray starts
     check_out_of_family(cfg.model.evaluator, cfg.model.ood_evaluator)
     init_ray(cfg)
+    # the data and thresholds are prepared in a Ray task while the judges start
+    prepared = ray.remote(_prepare).options(**_remote_options(cfg)).remote(OmegaConf.to_container(cfg))
     use_judges = bool(cfg.cas.use_judge or cfg.knowledge.online_enrichment) and ensure_judges(cfg)
-    taus = ray.get(ray.remote(_prepare).options(**_remote_options(cfg)).remote(OmegaConf.to_container(cfg)))
+    taus = ray.get(prepared)
     print("real-image CAS thresholds tau_q: " + ", ".join(f"{k} {v:.4f}" for k, v in taus.items()), flush=True)
     runs = tracking.stage_runs(cfg, tuple(s for s in stages if s != "evaluate"))
     top = tracking.StageTracker(cfg.tracking.tracking_uri, runs.get("parent") or runs[stages[0]])
@@ -271,6 +342,7 @@ def train(cfg: DictConfig) -> int:
         top.log_dict(extra, "knowledge/online_enrichment.json")
 
     checkpoints: dict[str, Any] = {}
+    evaluations: dict[str, list[Any]] = {}  # stage -> its final evaluation's Ray tasks (stage=all)
     status = "FAILED"
     try:
         for stage in stages:
@@ -278,12 +350,16 @@ def train(cfg: DictConfig) -> int:
                 continue
             init = _init_lora(cfg, out_dir, checkpoints.get("sft")) if stage == "craft" else None
             t0 = time.perf_counter()
-            checkpoints[stage], metrics = fit_stage(cfg, stage, runs[stage], init, extra, use_judges, out_dir)
+            # stage=all: the SFT LoRA's evaluation runs while CRAFT trains
+            sft_to_evaluate = checkpoints.get("sft") if "evaluate" in stages else None
+            with _evaluate_once_training(cfg, out_dir, stage, sft_to_evaluate, use_judges, evaluations):
+                checkpoints[stage], metrics = fit_stage(cfg, stage, runs[stage], init, extra, use_judges, out_dir)
             from craft_ray.training import describe_metrics
 
             print(f"[{stage}] finished in {time.perf_counter() - t0:.0f} s: {describe_metrics(metrics)}", flush=True)
         if "evaluate" in stages:
-            _evaluate(cfg, checkpoints, use_judges, top, out_dir)
+            evaluations["craft"] = submit_final_evaluation(cfg, checkpoints["craft"], use_judges)
+            _evaluate(cfg, evaluations, top, out_dir)
         status = "FINISHED"
     finally:
         tracking.end_runs(cfg.tracking.tracking_uri, runs, status)
@@ -304,21 +380,22 @@ def _log_inputs(cfg: DictConfig, tracker, out_dir: Path) -> None:
     tracker.set_tag("knowledge_version", knowledge.content_hash())
 
 
-def _evaluate(cfg: DictConfig, checkpoints: dict[str, Any], use_judges: bool, tracker, out_dir: Path) -> None:
+def _evaluate(cfg: DictConfig, evaluations: dict[str, list[Any]], tracker, out_dir: Path) -> None:
+    """Wait for the final evaluations (stage -> Ray tasks), print and log the SFT-vs-CRAFT table."""
     import numpy as np
-    import ray
 
     from craft_ray import evaluate as ev
 
     t0 = time.perf_counter()
-    task = ray.remote(_final_evaluation).options(**_remote_options(cfg))
-    runs, taus = ray.get(task.remote(OmegaConf.to_container(cfg, resolve=True), checkpoints, use_judges))
+    runs, taus = {}, {}
+    for stage in ("sft", "craft"):  # the first is the table's baseline
+        runs[stage], taus = gather_final_evaluation(evaluations[stage])
     rows = ev.compare_rows(runs, taus, n_boot=int(cfg.cas.bootstrap), seed=int(cfg.seed))
     n = int(cfg.train.final_images_per_label)
     title = (f"SFT vs CRAFT, {cfg.modality} ({cfg.data.dataset}), {n} images per label on a fixed seed set; "
              "95 % bootstrap CIs in brackets")
     table = ev.markdown_table(rows)
-    print(f"\n{title}\n{table}\n(evaluation {time.perf_counter() - t0:.0f} s)", flush=True)
+    print(f"\n{title}\n{table}\n(evaluation: {time.perf_counter() - t0:.0f} s after CRAFT)", flush=True)
     (out_dir / "results.md").write_text(f"# {title}\n\n{table}\n")
     summary = {name: ev.summarise(scores, taus) for name, scores in runs.items()}
     (out_dir / "results.json").write_text(json.dumps({"taus": taus, "summary": summary}, indent=2))
@@ -327,7 +404,7 @@ def _evaluate(cfg: DictConfig, checkpoints: dict[str, Any], use_judges: bool, tr
     tracker.log_metrics({f"final/{name}/{k}": v for name, s in summary.items() for k, v in s.items()
                          if np.isfinite(v)}, 0)
     for name, scores in runs.items():
-        tracker.log_image(scores["grid"], f"samples/final_{name}.png")
+        tracker.log_image(ev.image_grid(scores["thumbs"], 8), f"samples/final_{name}.png")
 
 
 def main(argv: list[str]) -> int:

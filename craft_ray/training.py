@@ -14,7 +14,7 @@ One function, :func:`run_stage`, trains one stage on one worker (DDP rank):
 Both use AdamW on the LoRA parameters only, gradient accumulation, warm-up + cosine decay, gradient
 clipping, autocast on GPU and (optionally) gradient checkpointing. Data order and noise are
 functions of (seed, step, rank), so a run resumed from a checkpoint continues exactly where the
-checkpoint was taken. Rank 0 evaluates every ``train.eval_every`` steps on a fixed seed set, logs to
+checkpoint was taken. Rank 0 evaluates every ``train.eval_every`` steps (SFT: ``train.sft_eval_every``) on a fixed seed set, logs to
 MLflow, writes checkpoints (LoRA in the diffusers format, optimizer, scheduler, RNG state, step and
 the reward-hacking guard's state) and a ``progress.json`` with the step and its process id.
 """
@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from craft_ray import evaluate as ev
-from craft_ray.config import LIST_CHOICES
+from craft_ray.config import LIST_CHOICES, check_craft_objective
 from craft_ray.data.dataset import ImageDataset, load_dataset
 from craft_ray.errors import UserError
 from craft_ray.modalities import get_modality
@@ -344,6 +344,7 @@ def run_stage(config: dict, session: Session) -> StageState:
     accum = int(cfg.train.grad_accum)
     batch_size = int(cfg.train.batch_size)
     step_images = images_per_micro_step(cfg, stage) * accum * world
+    eval_every = int(cfg.train.sft_eval_every or cfg.train.eval_every) if stage == "sft" else int(cfg.train.eval_every)
 
     model = DiffusionModel.from_config(cfg.model, device, seed=int(cfg.seed))
     if stage == "craft":
@@ -445,7 +446,7 @@ def run_stage(config: dict, session: Session) -> StageState:
                                    "time": time.time()})
 
         last = state.step == total
-        evaluate_now = state.step % int(cfg.train.eval_every) == 0 or last
+        evaluate_now = state.step % eval_every == 0 or last
         action = None
         if evaluate_now:
             if rank == 0:
@@ -503,23 +504,6 @@ def _sft_loss(model: DiffusionModel, batch: dict, g: torch.Generator) -> tuple[t
     loss = model.diffusion_loss(batch["pixels"].to(model.device), batch["prompts"], generator=g,
                                 cond_dropout=COND_DROPOUT)
     return loss, {"loss": float(loss.detach())}
-
-
-def check_craft_objective(reward: DictConfig) -> None:
-    """Refuse CRAFT objective settings that cannot train (``cfg.reward``)."""
-    if float(reward.draft_weight) < 0 or float(reward.preference_weight) < 0:
-        raise UserError(f"reward.draft_weight and reward.preference_weight must be >= 0, got "
-                        f"{reward.draft_weight} and {reward.preference_weight}")
-    if float(reward.draft_weight) == 0 and float(reward.preference_weight) == 0:
-        raise UserError("reward.draft_weight and reward.preference_weight are both 0: nothing would reward the model")
-    if str(reward.preference_pairs) not in ("extremes", "all"):
-        raise UserError(f"reward.preference_pairs must be extremes or all, got {reward.preference_pairs!r}")
-    if (int(reward.preference_candidates) < 2 or float(reward.preference_beta) <= 0
-            or int(reward.preference_prompts) < 0 or int(reward.preference_timesteps) < 1):
-        raise UserError(f"reward.preference_candidates must be >= 2, reward.preference_beta > 0, "
-                        f"reward.preference_prompts >= 0 and reward.preference_timesteps >= 1; got "
-                        f"{reward.preference_candidates}, {reward.preference_beta}, {reward.preference_prompts} "
-                        f"and {reward.preference_timesteps}")
 
 
 def _craft_prompts(pool: dict[str, list[str]], labels_cycle: list[str], n: int, micro_step: int, g: torch.Generator,

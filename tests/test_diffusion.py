@@ -250,7 +250,9 @@ def test_from_config_reads_model_section(tiny: Path) -> None:
     model = DiffusionModel.from_config(cfg.model, device="cpu", seed=3)
     config = model.unet.peft_config["default"]
     assert (config.r, config.lora_alpha) == (2, 4)
-    assert model.gradient_checkpointing is True  # the config default
+    assert model.gradient_checkpointing is False  # the tiny profile's; the configuration default is on
+    on = load_config(overrides=[f"model.pretrained={tiny}", "model.gradient_checkpointing=true"])
+    assert DiffusionModel.from_config(on.model, device="cpu").gradient_checkpointing is True
     assert model.device.type == "cpu"
     assert isinstance(model.autocast(), contextlib.nullcontext)  # mixed precision is GPU-only: float32 on CPU
     again = DiffusionModel.from_config(cfg.model, seed=3)

@@ -16,6 +16,7 @@ import torch
 from craft_ray import cas, metrics
 from craft_ray import evaluate as ev
 from craft_ray.config import load_config
+from craft_ray.errors import UserError
 from craft_ray.data.dataset import load_dataset
 from craft_ray.knowledge import load_shipped
 from tests.conftest import MICRO_OVERRIDES, REPO_ROOT
@@ -128,6 +129,25 @@ def test_banks_and_thresholds_follow_the_evaluator_weights_not_its_path(micro_wo
     lab = sorted(first.scorer.bank.embeddings)[0]
     assert not torch.allclose(second.scorer.bank.embeddings[lab], first.scorer.bank.embeddings[lab])
     assert len(list((tmp_path / "cache" / "cas").glob("*/*"))) == 2  # one cache folder per weights
+
+
+def test_a_final_evaluation_split_by_label_is_the_whole_set(micro_world, tmp_path):
+    """train.final_eval_tasks splits a LoRA's final evaluation by label: the shards, merged, are the
+    whole set's images and scores (the same seeds; exactly so when the generation batches align)."""
+    cfg = micro_cfg(micro_world, tmp_path)
+    labels = ["no_finding", "cardiomegaly", "pleural_effusion", "nodule"]
+    whole, taus = ev.evaluate_lora(cfg, None, n_per_label=2)
+    parts = [ev.evaluate_lora(cfg, None, n_per_label=2, labels=part)[0] for part in (labels[:2], labels[2:])]
+    merged = ev.merge_scores(parts)
+    assert merged["labels"] == whole["labels"] == [lab for lab in labels for _ in range(2)]
+    assert whole["thumbs"].shape == merged["thumbs"].shape == (8, 32, 32, 3)  # every image when n_per_label < 8
+    # 4 images per generation batch instead of 8 change float summation order only
+    np.testing.assert_allclose(merged["train_cas"], whole["train_cas"], atol=1e-4)
+    np.testing.assert_allclose(merged["ood_cas"], whole["ood_cas"], atol=1e-4)
+    assert np.abs(merged["thumbs"].astype(int) - whole["thumbs"].astype(int)).max() <= 1
+    assert set(taus) == {"train", "ood"}
+    with pytest.raises(UserError, match="no such labels in the cxr evaluation set: effusion"):
+        ev.evaluate_lora(cfg, None, n_per_label=2, labels=["effusion"])
 
 
 def test_scores_round_trip(tmp_path):

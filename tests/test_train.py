@@ -144,6 +144,23 @@ def test_sft_then_craft_in_process_and_exact_resume(micro_world, tmp_path):
     assert progress["step"] == 2 and progress["total"] == 2
 
 
+def test_sft_evaluates_every_sft_eval_every_steps(micro_world, tmp_path, monkeypatch):
+    steps = []
+    evaluate = training.periodic_evaluation
+
+    def spy(model, cfg, setups, knowledge, judge, tracker, step, stage):
+        steps.append((stage, step))
+        return evaluate(model, cfg, setups, knowledge, judge, tracker, step, stage)
+
+    monkeypatch.setattr(training, "periodic_evaluation", spy)
+    cfg = micro_cfg(micro_world, tmp_path, "train.sft_steps=5", "train.craft_steps=2", "train.eval_every=1",
+                    "train.sft_eval_every=2", "cas.use_judge=false", *DRAFT)
+    root = tmp_path / "run"
+    _stage(cfg, "sft", root)
+    _stage(cfg, "craft", root, init_lora=str(root / "sft"))
+    assert steps == [("sft", 2), ("sft", 4), ("sft", 5), ("craft", 1), ("craft", 2)]  # and always the last step
+
+
 def test_craft_stage_trains_with_the_configured_reward_form_and_shifts(micro_world, tmp_path):
     from safetensors.torch import load_file
 
@@ -372,6 +389,17 @@ def test_images_per_micro_step_counts_what_the_stage_trains_on(micro_world, tmp_
     assert training.images_per_micro_step(cfg, stage) == images
 
 
+def test_bad_final_evaluation_tasks_are_refused_before_ray_starts(micro_world, tmp_path, monkeypatch):
+    from craft_ray import train
+
+    def no_ray(cfg):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(train, "init_ray", no_ray)
+    with pytest.raises(UserError, match="train.final_eval_tasks=0"):
+        train.train(micro_cfg(micro_world, tmp_path, "train.final_eval_tasks=0"))
+
+
 def test_craft_without_any_reward_term_is_refused(micro_world, tmp_path):
     cfg = micro_cfg(micro_world, tmp_path, "reward.draft_weight=0", "reward.preference_weight=0")
     with pytest.raises(UserError, match="nothing would reward"):
@@ -398,6 +426,7 @@ def test_train_all_on_ray_logs_runs_and_prints_the_table(micro_world, tmp_path, 
     out = capsys.readouterr().out
     assert "effective batch 4 = 4 per worker x 1 accumulation x 1 worker(s)" in out
     assert "SFT vs CRAFT" in out and "oracle label accuracy" in out and "tail reduction" in out
+    assert "(evaluation: " in out and "s after CRAFT)" in out  # the tiny profile's 2 tasks per LoRA
     assert "checklist judge (MLLM)" in out  # the embedded judges answered
     run_dir = tmp_path / "runs" / "t-all"
     assert (run_dir / "sft" / LORA_WEIGHT_NAME).is_file() and (run_dir / "craft" / LORA_WEIGHT_NAME).is_file()
@@ -418,6 +447,9 @@ def test_train_all_on_ray_logs_runs_and_prints_the_table(micro_world, tmp_path, 
         assert run.info.status == "FINISHED"
         history = client.get_metric_history(run.info.run_id, "loss")
         assert [m.step for m in history] == list(range(1, (3 if stage == "sft" else 2) + 1))
+        # the tiny profile's train.sft_eval_every=100: SFT evaluates at its last step only
+        evals = client.get_metric_history(run.info.run_id, "eval/train_cas")
+        assert [m.step for m in evals] == ([3] if stage == "sft" else [2])
         assert "eval/ood_tail_rate" in run.data.metrics and "grad_norm" in run.data.metrics
         arts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"lora", "samples"} <= arts
@@ -523,7 +555,7 @@ def test_judges_going_away_mid_run_degrade_evaluation_only(micro_world, tmp_path
 
     app = "judges_go_away"
     # Its own route prefix: Serve refuses two applications on one prefix, and other tests' apps may run.
-    cfg = micro_cfg(micro_world, tmp_path, "train.sft_steps=5", "train.eval_every=1", f"judges.app_name={app}",
+    cfg = micro_cfg(micro_world, tmp_path, "train.sft_steps=5", "train.sft_eval_every=1", f"judges.app_name={app}",
                     f"judges.route_prefix=/{app}",
                     f"judges.port={_free_port()}", "judges.client_retries=1", "judges.request_timeout_s=5")
     assert train.ensure_judges(cfg)

@@ -30,7 +30,7 @@ from open_clip.tokenizer import bytes_to_unicode, default_bpe
 from safetensors.torch import save_file
 from torch import nn
 
-from craft_ray.config import EvaluatorConfig
+from craft_ray.config import EvaluatorConfig, check_out_of_family  # noqa: F401 (re-exported)
 from craft_ray.errors import UserError, one_of
 
 CONFIG_FILE = "open_clip_config.json"
@@ -373,21 +373,6 @@ def load_evaluator(cfg: EvaluatorConfig | Any, device: torch.device | str = "cpu
             f"set evaluator.family={inferred}"
         )
     return Evaluator(model, tokenizer, _evaluator_id(str(cfg.model), pretrained), family, model_cfg or {})
-
-
-def check_out_of_family(
-    train: Evaluator | EvaluatorConfig | Any, ood: Evaluator | EvaluatorConfig | Any
-) -> None:
-    """Raise UserError unless the out-of-family evaluator's family differs from the training one's."""
-    train_family, ood_family = str(train.family).lower(), str(ood.family).lower()
-    if train_family == ood_family:
-        train_id = getattr(train, "id", None) or train.model
-        ood_id = getattr(ood, "id", None) or ood.model
-        raise UserError(
-            f"out-of-family evaluator {ood_id!r} has family {ood_family!r}, the same as the training "
-            f"evaluator {train_id!r}; set model.ood_evaluator to a model of another architecture family "
-            "(e.g. vit for training, convnet for audits) so the audit is not the score being optimised"
-        )
 
 
 def write_clip_bpe_tokenizer(out_dir: str | Path, merges: int) -> int:
