@@ -16,8 +16,8 @@ import torch
 from craft_ray import cas, metrics
 from craft_ray import evaluate as ev
 from craft_ray.config import load_config
-from craft_ray.errors import UserError
 from craft_ray.data.dataset import load_dataset
+from craft_ray.errors import UserError
 from craft_ray.knowledge import load_shipped
 from tests.conftest import MICRO_OVERRIDES, REPO_ROOT
 
