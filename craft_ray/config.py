@@ -195,7 +195,7 @@ class TrainConfig:
     eval_images_per_label: int = 16  # periodic evaluation: images per label (fixed seed set)
     final_images_per_label: int = 64  # final SFT-vs-CRAFT evaluation: images per label (another fixed seed set)
     # Ray tasks (train.cpus_per_worker CPUs each) that split each LoRA's final evaluation by label; the
-    # SFT LoRA's are submitted when SFT ends and run while CRAFT trains, where the cluster has room
+    # SFT LoRA's are submitted once CRAFT has taken its first step and run beside the CRAFT loop
     final_eval_tasks: int = 1
     log_every: int = 10  # steps between progress lines and MLflow metric logs
     checkpoint_every: int = 20  # steps between checkpoints

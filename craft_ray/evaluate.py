@@ -317,14 +317,14 @@ def evaluate_lora(cfg: Any, lora: str | Path | None, *, n_per_label: int, labels
     knowledge = load_knowledge_for(cfg)
     manifest = load_dataset(cfg)
     setups = {w: ScoringSetup.build(cfg, w, knowledge, device, manifest) for w in EVALUATORS}
-    plan = list(zip(*eval_plan(cfg, n_per_label, seed_offset=1_000_000), strict=True))
+    names, prompts, seeds = eval_plan(cfg, n_per_label, seed_offset=1_000_000)
     if labels is not None:
-        unknown = sorted(set(labels) - {lab for lab, _, _ in plan})
+        wanted = set(labels)
+        unknown = sorted(wanted - set(names))
         if unknown:
             raise UserError(f"no such labels in the {cfg.modality} evaluation set: {', '.join(unknown)}")
-        keep = set(labels)
-        plan = [row for row in plan if row[0] in keep]
-    names, prompts, seeds = ([row[i] for row in plan] for i in range(3))
+        keep = [i for i, lab in enumerate(names) if lab in wanted]
+        names, prompts, seeds = ([xs[i] for i in keep] for xs in (names, prompts, seeds))
     model = DiffusionModel.from_config(cfg.model, device, seed=int(cfg.seed))
     if lora is not None:
         model.load_lora(lora)

@@ -270,7 +270,7 @@ def _evaluate_once_training(cfg: DictConfig, out_dir: Path, stage: str, sft: Any
         return
     started, done = time.time(), threading.Event()
 
-    def training() -> bool:
+    def stepping() -> bool:
         try:
             progress = read_progress(out_dir, stage)
         except (OSError, ValueError):
@@ -280,7 +280,7 @@ def _evaluate_once_training(cfg: DictConfig, out_dir: Path, stage: str, sft: Any
     failed: list[BaseException] = []
 
     def wait_then_submit() -> None:
-        while not done.is_set() and not training():
+        while not done.is_set() and not stepping():
             done.wait(1.0)
         try:
             evaluations["sft"] = submit_final_evaluation(cfg, sft, use_judges)

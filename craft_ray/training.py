@@ -14,9 +14,10 @@ One function, :func:`run_stage`, trains one stage on one worker (DDP rank):
 Both use AdamW on the LoRA parameters only, gradient accumulation, warm-up + cosine decay, gradient
 clipping, autocast on GPU and (optionally) gradient checkpointing. Data order and noise are
 functions of (seed, step, rank), so a run resumed from a checkpoint continues exactly where the
-checkpoint was taken. Rank 0 evaluates every ``train.eval_every`` steps (SFT: ``train.sft_eval_every``) on a fixed seed set, logs to
-MLflow, writes checkpoints (LoRA in the diffusers format, optimizer, scheduler, RNG state, step and
-the reward-hacking guard's state) and a ``progress.json`` with the step and its process id.
+checkpoint was taken. Rank 0 evaluates every ``train.eval_every`` steps (SFT:
+``train.sft_eval_every``) on a fixed seed set, logs to MLflow, writes checkpoints (LoRA in the
+diffusers format, optimizer, scheduler, RNG state, step and the reward-hacking guard's state) and a
+``progress.json`` with the step and its process id.
 """
 
 from __future__ import annotations
