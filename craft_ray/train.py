@@ -2,11 +2,11 @@
 
 The stages (DESIGN.md, "Training"): ``sft`` (LoRA adaptation with the diffusion loss),
 ``craft`` (reward finetuning on the CAS dimensions from the SFT LoRA: DRaFT-K's reward gradient and/or a
-reward-ranked preference term) and ``all`` (both,
-then the SFT-vs-CRAFT evaluation table). Each training stage is one Ray Train ``TorchTrainer`` run
-named ``<name>-<stage>`` under ``ray.storage_path``: rerunning with the same ``name`` resumes from
-its last checkpoint (a finished stage is not trained again). The per-worker loop is
-:func:`craft_ray.training.run_stage`; evaluation lives in :mod:`craft_ray.evaluate`.
+reward-ranked preference term) and ``all`` (both, then the SFT-vs-CRAFT evaluation table). The
+training is one Ray Train ``TorchTrainer`` run, named ``<name>-<stage>`` under ``ray.storage_path``
+(``<name>-all`` for sft then craft in the same worker group): rerunning with the same ``name``
+resumes from its last checkpoint (a finished stage is not trained again). The per-worker loop is
+:func:`craft_ray.training.run_stages`; evaluation lives in :mod:`craft_ray.evaluate`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,9 @@ PLAN: dict[str, tuple[str, ...]] = {"sft": ("sft",), "craft": ("craft",), "all":
 WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "TOKENIZERS_PARALLELISM": "false", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 # Local Ray only: the Train controller polls its workers every 2 s by default, and each report waits
 # for that poll; 0.2 s keeps short steps from idling.
-LOCAL_RAY_ENV = {**WORKER_ENV, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+# Train v2's preemption watcher (an actor per stage polling for spot nodes being reclaimed) has nothing to
+# watch on one local machine.
+LOCAL_RAY_ENV = {**WORKER_ENV, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 
 EPILOG = """examples:
   python -m craft_ray.train                                  # embedded default: tiny profile, phantom cxr
@@ -146,9 +147,11 @@ def _prepare(cfg_dict: dict) -> dict[str, float]:
     return {w: ev.ScoringSetup.build(cfg, w, knowledge, "cpu", manifest).threshold.tau for w in ev.EVALUATORS}
 
 
-def _final_evaluation(cfg_dict: dict, lora: Any, labels: list[str], use_judges: bool) -> tuple[dict, dict]:
-    """One shard of a LoRA's final evaluation (a Ray task on a training node): the per-image scores of
-    ``labels``' part of the fixed seed set, and the taus."""
+def _final_evaluation(cfg_dict: dict, loras: dict[str, tuple[Any, str]], labels: list[str], use_judges: bool
+                      ) -> tuple[dict[str, dict], dict]:
+    """One shard of the final evaluation (a Ray task on a training node): for each LoRA (name -> (folder or
+    ``ray.train.Checkpoint``, file name in it)), the per-image scores of ``labels``' part of the fixed seed
+    set; and the taus."""
     import torch
 
     from craft_ray import evaluate as ev
@@ -162,15 +165,18 @@ def _final_evaluation(cfg_dict: dict, lora: Any, labels: list[str], use_judges: 
 
         judge = _judge_client(cfg)
     n = int(cfg.train.final_images_per_label)
-    if hasattr(lora, "as_directory"):  # a ray.train.Checkpoint
-        with lora.as_directory() as folder:
-            return ev.evaluate_lora(cfg, folder, n_per_label=n, labels=labels, judge=judge, device=device)
-    return ev.evaluate_lora(cfg, lora, n_per_label=n, labels=labels, judge=judge, device=device)
+    scores, taus = {}, {}
+    for name, (source, file) in loras.items():
+        with source.as_directory() if hasattr(source, "as_directory") else contextlib.nullcontext(source) as folder:
+            scores[name], taus = ev.evaluate_lora(cfg, Path(folder) / file, n_per_label=n, labels=labels,
+                                                  judge=judge, device=device)
+    return scores, taus
 
 
-def submit_final_evaluation(cfg: DictConfig, lora: Any, use_judges: bool) -> list[Any]:
-    """Submit a LoRA's final evaluation as ``train.final_eval_tasks`` Ray tasks, each a share of the labels;
-    returns their object refs (see :func:`gather_final_evaluation`)."""
+def submit_final_evaluation(cfg: DictConfig, loras: dict[str, tuple[Any, str]], use_judges: bool) -> list[Any]:
+    """Submit the final evaluation of ``loras`` (name -> (folder or checkpoint, LoRA file in it)) as
+    ``train.final_eval_tasks`` Ray tasks, each every LoRA on a share of the labels; returns their object
+    refs (see :func:`gather_final_evaluation`)."""
     import ray
 
     from craft_ray.modalities import get_modality
@@ -180,37 +186,29 @@ def submit_final_evaluation(cfg: DictConfig, lora: Any, use_judges: bool) -> lis
     shards = [part for i in range(n) if (part := labels[len(labels) * i // n:len(labels) * (i + 1) // n])]
     task = ray.remote(_final_evaluation).options(**_remote_options(cfg))
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
-    return [task.remote(cfg_dict, lora, list(part), use_judges) for part in shards]
+    return [task.remote(cfg_dict, loras, list(part), use_judges) for part in shards]
 
 
-def gather_final_evaluation(refs: list[Any]) -> tuple[dict, dict]:
-    """The per-image scores of a LoRA's whole final evaluation set, and the taus, from its shards."""
+def gather_final_evaluation(refs: list[Any]) -> tuple[dict[str, dict], dict]:
+    """Each LoRA's per-image scores on the whole final evaluation set (name -> scores), and the taus, from
+    the shards."""
     import ray
 
     from craft_ray import evaluate as ev
 
     parts = ray.get(refs)
-    return ev.merge_scores([scores for scores, _ in parts]), parts[0][1]
+    names = parts[0][0]
+    return {name: ev.merge_scores([scores[name] for scores, _ in parts]) for name in names}, parts[0][1]
 
 
 # ----------------------------------------------------------------------------------------------- stages
 
 
-def fit_stage(cfg: DictConfig, stage: str, run_id: str | None, init_lora: Any, extra_prompts: dict,
-              use_judges: bool, out_dir: Path):
-    """Train one stage with a TorchTrainer (or in this process when ``train.num_workers=0``).
-
-    Returns the stage's final checkpoint (a ``ray.train.Checkpoint`` or a local folder) and its metrics.
-    """
-    from craft_ray import training
+def _describe_stage(cfg: DictConfig, stage: str) -> str:
+    """The line printed when a stage starts: its steps and effective batch."""
     from craft_ray.training import images_per_micro_step, stage_steps
 
-    config = {"cfg": OmegaConf.to_container(cfg, resolve=True), "stage": stage, "init_lora": init_lora,
-              "mlflow_run_id": run_id, "output_dir": str(out_dir), "extra_prompts": extra_prompts,
-              "use_judges": use_judges}
-    n = int(cfg.train.num_workers)
-    t = cfg.train
-    r = cfg.reward
+    n, t, r = max(1, int(cfg.train.num_workers)), cfg.train, cfg.reward
     preference = ""
     if stage == "craft" and float(r.preference_weight) > 0:
         prompts, n_cand = int(r.preference_prompts) or t.batch_size, int(r.preference_candidates)
@@ -219,12 +217,39 @@ def fit_stage(cfg: DictConfig, stage: str, run_id: str | None, init_lora: Any, e
                       f"; preference term: {prompts} prompts per worker and micro-step, every two of {n_cand} samples "
                       f"({n_cand * (n_cand - 1) // 2} pairs each)")
     per = images_per_micro_step(cfg, stage)
-    print(f"[{stage}] {stage_steps(cfg, stage)} steps; effective batch {per * t.grad_accum * max(1, n)} = "
-          f"{per} per worker x {t.grad_accum} accumulation x {max(1, n)} worker(s){preference}", flush=True)
+    return (f"[{stage}] {stage_steps(cfg, stage)} steps; effective batch {per * t.grad_accum * n} = "
+            f"{per} per worker x {t.grad_accum} accumulation x {n} worker(s){preference}")
+
+
+def fit_stage(cfg: DictConfig, stage: str, run_id: str | None, init_lora: Any, extra_prompts: dict,
+              use_judges: bool, out_dir: Path):
+    """Train one stage: :func:`fit_stages` with one."""
+    return fit_stages(cfg, (stage,), {stage: run_id}, init_lora, extra_prompts, use_judges, out_dir)
+
+
+def fit_stages(cfg: DictConfig, stages: tuple[str, ...], run_ids: dict[str, str | None], init_lora: Any,
+               extra_prompts: dict, use_judges: bool, out_dir: Path):
+    """Train ``stages`` (one, or sft then craft) in one TorchTrainer run, named ``<name>-<stage>``, or
+    ``<name>-all`` for both (in this process when ``train.num_workers=0``). One run for both stages
+    saves starting a second worker group (its processes, imports and models: about 25 s of a 5-minute
+    tiny run on 2 cores).
+
+    Returns the final checkpoint (a ``ray.train.Checkpoint`` or a local folder; after both stages it
+    also holds the SFT LoRA, ``training.INIT_LORA_FILE``) and the last stage's final metrics.
+    """
+    from craft_ray import training
+
+    config = {"cfg": OmegaConf.to_container(cfg, resolve=True), "stages": list(stages), "init_lora": init_lora,
+              "mlflow_run_ids": run_ids, "output_dir": str(out_dir), "extra_prompts": extra_prompts,
+              "use_judges": use_judges}
+    n = int(cfg.train.num_workers)
+    for stage in stages:
+        print(_describe_stage(cfg, stage), flush=True)
+    name = f"{cfg.name}-{stages[0] if len(stages) == 1 else 'all'}"
     storage = Path(cfg.ray.storage_path) if "://" not in str(cfg.ray.storage_path) else None
     if n == 0:
-        session = training.LocalSession((storage or out_dir) / f"{cfg.name}-{stage}", keep=int(cfg.train.keep_checkpoints))
-        training.run_stage(config, session)
+        session = training.LocalSession((storage or out_dir) / name, keep=int(cfg.train.keep_checkpoints))
+        training.run_stages(config, session)
         return session.latest, session.last_metrics
 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -239,7 +264,7 @@ def fit_stage(cfg: DictConfig, stage: str, run_id: str | None, init_lora: Any, e
         scaling_config=ScalingConfig(num_workers=n, use_gpu=bool(cfg.train.use_gpu), resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         run_config=RunConfig(
-            name=f"{cfg.name}-{stage}",
+            name=name,
             storage_path=str(cfg.ray.storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=int(cfg.train.keep_checkpoints)),
             failure_config=FailureConfig(max_failures=int(cfg.train.max_failures)),
@@ -249,58 +274,14 @@ def fit_stage(cfg: DictConfig, stage: str, run_id: str | None, init_lora: Any, e
     try:
         result = trainer.fit()
     except Exception as exc:  # TrainingFailedError and friends: the worker's error is the useful part
-        raise UserError(f"stage {stage} failed: {' '.join(str(exc).split())[:1500]}") from exc
+        raise UserError(f"stage {'+'.join(stages)} failed: {' '.join(str(exc).split())[:1500]}") from exc
     if result.checkpoint is None:
-        raise UserError(f"stage {stage} finished without a checkpoint under {cfg.ray.storage_path}")
+        raise UserError(f"stage {'+'.join(stages)} finished without a checkpoint under {cfg.ray.storage_path}")
     return result.checkpoint, dict(result.metrics or {})
 
 
-@contextlib.contextmanager
-def _evaluate_once_training(cfg: DictConfig, out_dir: Path, stage: str, sft: Any, use_judges: bool,
-                            evaluations: dict[str, list[Any]]):
-    """While the body trains ``stage``, submit the final evaluation of the ``sft`` LoRA (unless None) to
-    ``evaluations["sft"]`` once the stage has taken its first step, so that its tasks use the core the
-    training loop leaves free rather than slow the worker group's start; at the latest when the body
-    ends. The first step shows in rank 0's ``progress.json`` under ``out_dir`` (on a worker node
-    elsewhere it does not: then at the end)."""
-    from craft_ray.training import read_progress
-
-    if sft is None:
-        yield
-        return
-    started, done = time.time(), threading.Event()
-
-    def stepping() -> bool:
-        try:
-            progress = read_progress(out_dir, stage)
-        except (OSError, ValueError):
-            return False
-        return progress is not None and float(progress.get("time", 0)) >= started
-
-    failed: list[BaseException] = []
-
-    def wait_then_submit() -> None:
-        while not done.is_set() and not stepping():
-            done.wait(1.0)
-        try:
-            evaluations["sft"] = submit_final_evaluation(cfg, sft, use_judges)
-        except BaseException as exc:  # raised in the caller's thread below
-            failed.append(exc)
-
-    thread = threading.Thread(target=wait_then_submit, name="submit-sft-evaluation", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
-    if failed:
-        raise failed[0]
-
-
-def _init_lora(cfg: DictConfig, out_dir: Path, sft_checkpoint: Any) -> Any:
-    if sft_checkpoint is not None:
-        return sft_checkpoint
+def _init_lora(cfg: DictConfig, out_dir: Path) -> str:
+    """stage=craft: the SFT LoRA to start from (``train.init_lora``, else this name's own SFT stage's)."""
     if cfg.train.init_lora:
         return str(cfg.train.init_lora)
     own = out_dir / "sft"
@@ -341,25 +322,20 @@ def train(cfg: DictConfig) -> int:
     if extra:
         top.log_dict(extra, "knowledge/online_enrichment.json")
 
-    checkpoints: dict[str, Any] = {}
-    evaluations: dict[str, list[Any]] = {}  # stage -> its final evaluation's Ray tasks (stage=all)
     status = "FAILED"
     try:
-        for stage in stages:
-            if stage == "evaluate":
-                continue
-            init = _init_lora(cfg, out_dir, checkpoints.get("sft")) if stage == "craft" else None
-            t0 = time.perf_counter()
-            # stage=all: the SFT LoRA's evaluation runs while CRAFT trains
-            sft_to_evaluate = checkpoints.get("sft") if "evaluate" in stages else None
-            with _evaluate_once_training(cfg, out_dir, stage, sft_to_evaluate, use_judges, evaluations):
-                checkpoints[stage], metrics = fit_stage(cfg, stage, runs[stage], init, extra, use_judges, out_dir)
-            from craft_ray.training import describe_metrics
+        training_stages = tuple(s for s in stages if s != "evaluate")
+        init = _init_lora(cfg, out_dir) if training_stages == ("craft",) else None
+        t0 = time.perf_counter()
+        final, metrics = fit_stages(cfg, training_stages, runs, init, extra, use_judges, out_dir)
+        from craft_ray.training import INIT_LORA_FILE, LORA_WEIGHT_NAME, describe_metrics
 
-            print(f"[{stage}] finished in {time.perf_counter() - t0:.0f} s: {describe_metrics(metrics)}", flush=True)
+        print(f"[{'+'.join(training_stages)}] finished in {time.perf_counter() - t0:.0f} s: "
+              f"{describe_metrics(metrics)}", flush=True)
         if "evaluate" in stages:
-            evaluations["craft"] = submit_final_evaluation(cfg, checkpoints["craft"], use_judges)
-            _evaluate(cfg, evaluations, top, out_dir)
+            # both from CRAFT's last checkpoint, which holds the SFT LoRA it started from; SFT is the baseline
+            loras = {"sft": (final, INIT_LORA_FILE), "craft": (final, LORA_WEIGHT_NAME)}
+            _evaluate(cfg, submit_final_evaluation(cfg, loras, use_judges), top, out_dir)
         status = "FINISHED"
     finally:
         tracking.end_runs(cfg.tracking.tracking_uri, runs, status)
@@ -380,16 +356,14 @@ def _log_inputs(cfg: DictConfig, tracker, out_dir: Path) -> None:
     tracker.set_tag("knowledge_version", knowledge.content_hash())
 
 
-def _evaluate(cfg: DictConfig, evaluations: dict[str, list[Any]], tracker, out_dir: Path) -> None:
-    """Wait for the final evaluations (stage -> Ray tasks), print and log the SFT-vs-CRAFT table."""
+def _evaluate(cfg: DictConfig, evaluation: list[Any], tracker, out_dir: Path) -> None:
+    """Wait for the final evaluation's Ray tasks, print and log the SFT-vs-CRAFT table."""
     import numpy as np
 
     from craft_ray import evaluate as ev
 
     t0 = time.perf_counter()
-    runs, taus = {}, {}
-    for stage in ("sft", "craft"):  # the first is the table's baseline
-        runs[stage], taus = gather_final_evaluation(evaluations[stage])
+    runs, taus = gather_final_evaluation(evaluation)
     rows = ev.compare_rows(runs, taus, n_boot=int(cfg.cas.bootstrap), seed=int(cfg.seed))
     n = int(cfg.train.final_images_per_label)
     title = (f"SFT vs CRAFT, {cfg.modality} ({cfg.data.dataset}), {n} images per label on a fixed seed set; "

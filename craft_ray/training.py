@@ -1,6 +1,7 @@
 """The per-worker training loop of the SFT and CRAFT stages (run by Ray Train, or in-process).
 
-One function, :func:`run_stage`, trains one stage on one worker (DDP rank):
+:func:`run_stage` trains one stage on one worker (DDP rank); :func:`run_stages` trains sft, then craft
+from the LoRA sft ended with, in one Ray Train run (``stage=all``):
 
 - ``sft``: LoRA on the UNet with the noise-prediction loss on real images and their
   label-conditioned prompts (10 % of prompts dropped, so classifier-free guidance keeps working).
@@ -52,6 +53,7 @@ from craft_ray.sampling import draft_lv, draw_k, sample
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 BEST_LORA_FILE = "best_ood_lora.safetensors"
+INIT_LORA_FILE = "init_lora.safetensors"  # CRAFT's checkpoints: the LoRA it started from (the SFT LoRA)
 COND_DROPOUT = 0.1  # SFT: share of prompts replaced by "" (keeps the unconditional model for guidance)
 
 
@@ -132,7 +134,9 @@ class LocalSession(Session):
     def report(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         self.reports.append(dict(metrics))
         if checkpoint_dir:
-            dest = self.root / f"checkpoint_{int(metrics['step']):08d}"
+            # numbered in order (stage=all puts both stages' checkpoints here, so not by step)
+            found = self._checkpoints()
+            dest = self.root / f"checkpoint_{int(found[-1].name.split('_')[-1]) + 1 if found else 1:08d}"
             tmp = self.root / f".{dest.name}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.copytree(checkpoint_dir, tmp)
@@ -324,12 +328,44 @@ class StageState:
 
 def train_loop_per_worker(config: dict) -> None:
     """Entry point of a Ray Train worker (``TorchTrainer(train_loop_per_worker, train_loop_config=...)``)."""
-    run_stage(config, RaySession())
+    run_stages(config, RaySession())
+
+
+def run_stages(config: dict, session: Session) -> dict[str, StageState]:
+    """Train ``config["stages"]`` in order (default: the one ``config["stage"]``) on this worker, each from
+    the LoRA the one before ended with (the first from ``init_lora``); MLflow run ids per stage in
+    ``config["mlflow_run_ids"]``. The stages share the session's checkpoints: after a restart, the stages
+    before the one of the latest checkpoint are done and skipped; CRAFT's checkpoints hold the LoRA it
+    started from (``INIT_LORA_FILE``), so it resumes without the SFT stage's."""
+    stages = list(config.get("stages") or [config["stage"]])
+    run_ids = config.get("mlflow_run_ids") or {stages[0]: config.get("mlflow_run_id")}
+    init = config.get("init_lora")
+    states: dict[str, StageState] = {}
+    with tempfile.TemporaryDirectory(prefix="craft-init-") as tmp:
+        first = 0
+        latest = session.latest_checkpoint_dir() if len(stages) > 1 else None
+        if latest is not None:
+            with latest as folder:
+                done = _checkpoint_stage(Path(folder))
+                if done in stages[1:]:
+                    first = stages.index(done)
+                    if (Path(folder) / INIT_LORA_FILE).is_file():  # copied: a remote checkpoint's folder goes away
+                        init = shutil.copy(Path(folder) / INIT_LORA_FILE, Path(tmp) / INIT_LORA_FILE)
+        for stage in stages[first:]:
+            states[stage], init = _run_stage({**config, "stage": stage, "init_lora": init,
+                                              "mlflow_run_id": run_ids.get(stage)}, session)
+    return states
 
 
 def run_stage(config: dict, session: Session) -> StageState:
     """Train one stage on this worker. ``config`` keys: cfg (resolved config as a dict), stage, init_lora
-    (CRAFT: folder or file of the SFT LoRA), mlflow_run_id, output_dir, extra_prompts, use_judges."""
+    (CRAFT: the SFT LoRA, a folder, file, ``ray.train.Checkpoint`` or diffusers-format state dict),
+    mlflow_run_id, output_dir, extra_prompts, use_judges."""
+    return _run_stage(config, session)[0]
+
+
+def _run_stage(config: dict, session: Session) -> tuple[StageState, dict[str, torch.Tensor]]:
+    """:func:`run_stage`, also returning the final LoRA (diffusers-format state dict)."""
     cfg = OmegaConf.create(config["cfg"])
     stage = config["stage"]
     if stage not in ("sft", "craft"):
@@ -348,16 +384,21 @@ def run_stage(config: dict, session: Session) -> StageState:
     eval_every = int(cfg.train.sft_eval_every or cfg.train.eval_every) if stage == "sft" else int(cfg.train.eval_every)
 
     model = DiffusionModel.from_config(cfg.model, device, seed=int(cfg.seed))
+    init_copy: Path | None = None
     if stage == "craft":
         if not config.get("init_lora"):
             raise UserError("stage craft starts from an SFT LoRA: run stage=all, or stage=craft with an SFT run "
                             "of the same name done before")
         init = config["init_lora"]
-        if hasattr(init, "as_directory"):  # a ray.train.Checkpoint of the SFT stage
+        if isinstance(init, dict):  # the LoRA the SFT stage just ended with, in this process
+            model.load_lora_state_dict(init, source="of the SFT stage")
+        elif hasattr(init, "as_directory"):  # a ray.train.Checkpoint of the SFT stage
             with init.as_directory() as folder:
                 model.load_lora(folder)
         else:
             model.load_lora(init)
+        if session.rank == 0:  # the LoRA CRAFT starts from, copied into each of its checkpoints
+            init_copy = model.save_lora(out_dir / stage / INIT_LORA_FILE)
     # the preference term's reference: the LoRA CRAFT starts from (taken before a checkpoint is resumed)
     reference = ({n: p.detach().clone() for n, p in model.unet.named_parameters() if p.requires_grad}
                  if stage == "craft" and float(cfg.reward.preference_weight) > 0 else None)
@@ -373,9 +414,10 @@ def run_stage(config: dict, session: Session) -> StageState:
     resume = session.latest_checkpoint_dir()
     if resume is not None:
         with resume as folder:
-            state, best_lora = _load_checkpoint(Path(folder), model, opt, sched, scaler)
+            if _checkpoint_stage(Path(folder)) == stage:  # with stage=all, it may be the SFT stage's last
+                state, best_lora = _load_checkpoint(Path(folder), model, opt, sched, scaler)
         guard = HackingGuard(**state.guard) if state.guard else guard
-        if rank == 0:
+        if rank == 0 and state.step:
             print(f"[{stage}] resuming from the checkpoint at step {state.step}/{total}", flush=True)
     model.unet = session.wrap(model.unet)
     model.train()
@@ -488,17 +530,21 @@ def run_stage(config: dict, session: Session) -> StageState:
                 folder = None
                 if checkpoint_now and rank == 0:
                     folder = _save_checkpoint(Path(tmp), model, opt, sched, scaler, state, best_lora)
+                    if init_copy is not None:
+                        shutil.copy(init_copy, Path(folder) / INIT_LORA_FILE)
                 session.report({k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}, folder)
         if last:
             break
 
     if rank == 0:
         final = model.save_lora(out_dir / stage / LORA_WEIGHT_NAME)
-        print(f"[{stage}] done at step {state.step}; LoRA written to {final}", flush=True)
+        summary = describe_metrics(metrics)
+        print(f"[{stage}] done at step {state.step}{': ' + summary if summary else ''}; LoRA written to {final}",
+              flush=True)
         if tracker:
             tracker.log_artifact(final, "lora")
             tracker.finish(state)
-    return state
+    return state, model.lora_state_dict()
 
 
 def _sft_loss(model: DiffusionModel, batch: dict, g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
@@ -733,6 +779,12 @@ def _load_checkpoint(folder: Path, model: DiffusionModel, opt, sched, scaler
     state = StageState(**json.loads((folder / STATE_FILE).read_text()))
     best = load_file(str(folder / BEST_LORA_FILE)) if (folder / BEST_LORA_FILE).is_file() else None
     return state, best
+
+
+def _checkpoint_stage(folder: Path) -> str | None:
+    """The stage that wrote a checkpoint folder."""
+    path = folder / STATE_FILE
+    return json.loads(path.read_text()).get("stage") if path.is_file() else None
 
 
 def read_progress(output_dir: str | Path, stage: str) -> dict | None:

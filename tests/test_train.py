@@ -127,7 +127,7 @@ def test_sft_then_craft_in_process_and_exact_resume(micro_world, tmp_path):
     assert sft_lora and all(k.startswith("unet.") for k in sft_lora)
     assert any(float(v.abs().sum()) > 0 for k, v in sft_lora.items() if "lora.up" in k)  # B moved away from 0
     ckpts = sorted((root / "ckpt-sft").glob("checkpoint_*"))
-    assert [c.name for c in ckpts] == ["checkpoint_00000002", "checkpoint_00000004"]
+    assert [c.name for c in ckpts] == ["checkpoint_00000001", "checkpoint_00000002"]  # numbered in order
     assert json.loads((ckpts[-1] / "state.json").read_text())["step"] == 4
 
     # Resume from step 2: the last two steps must reproduce the uninterrupted run exactly.
@@ -142,6 +142,44 @@ def test_sft_then_craft_in_process_and_exact_resume(micro_world, tmp_path):
     assert craft.step == 2
     progress = training.read_progress(root, "craft")
     assert progress["step"] == 2 and progress["total"] == 2
+
+
+def test_sft_then_craft_in_one_run_equals_two_runs_and_resumes_without_sft(micro_world, tmp_path):
+    """stage=all trains both stages in one worker group (training.run_stages): the LoRAs are bit-identical
+    to two separate stages; CRAFT's checkpoints hold the SFT LoRA, so a restart in CRAFT skips SFT."""
+    # the tiny profile's CRAFT, the preference term: its reference is the LoRA CRAFT starts from
+    cfg = micro_cfg(micro_world, tmp_path, "train.sft_steps=2", "train.craft_steps=2", "train.checkpoint_every=1",
+                    "train.eval_every=2")
+    assert float(cfg.reward.preference_weight) > 0
+    two = tmp_path / "two"
+    _stage(cfg, "sft", two)
+    _stage(cfg, "craft", two, init_lora=str(two / "sft"))
+
+    one = tmp_path / "one"
+    config = {"cfg": OmegaConf.to_container(cfg, resolve=True), "stages": ["sft", "craft"], "output_dir": str(one)}
+    session = training.LocalSession(one / "ckpt-all", keep=10)
+    states = training.run_stages(config, session)
+    assert {k: v.step for k, v in states.items()} == {"sft": 2, "craft": 2}
+    for stage in ("sft", "craft"):
+        a, b = load_file(str(two / stage / LORA_WEIGHT_NAME)), load_file(str(one / stage / LORA_WEIGHT_NAME))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
+    ckpts = sorted((one / "ckpt-all").glob("checkpoint_*"))
+    stages = [json.loads((c / "state.json").read_text())["stage"] for c in ckpts]
+    assert stages == ["sft", "sft", "craft", "craft"]  # numbered in the order written
+    sft = load_file(str(one / "sft" / LORA_WEIGHT_NAME))
+    held = load_file(str(ckpts[-1] / training.INIT_LORA_FILE))
+    assert all(torch.equal(sft[k], held[k]) for k in sft)
+
+    # a restart after CRAFT's first checkpoint: SFT is not trained again, CRAFT continues exactly
+    shutil.rmtree(ckpts[-1])
+    shutil.rmtree(one / "sft")
+    reports = len(session.reports)
+    states = training.run_stages(config, session)
+    assert list(states) == ["craft"] and states["craft"].step == 2
+    assert [r["step"] for r in session.reports[reports:]] == [2]
+    assert not (one / "sft").exists()
+    a, b = load_file(str(two / "craft" / LORA_WEIGHT_NAME)), load_file(str(one / "craft" / LORA_WEIGHT_NAME))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_sft_evaluates_every_sft_eval_every_steps(micro_world, tmp_path, monkeypatch):
@@ -426,7 +464,7 @@ def test_train_all_on_ray_logs_runs_and_prints_the_table(micro_world, tmp_path, 
     out = capsys.readouterr().out
     assert "effective batch 4 = 4 per worker x 1 accumulation x 1 worker(s)" in out
     assert "SFT vs CRAFT" in out and "oracle label accuracy" in out and "tail reduction" in out
-    assert "(evaluation: " in out and "s after CRAFT)" in out  # the tiny profile's 2 tasks per LoRA
+    assert "(evaluation: " in out and "s after CRAFT)" in out  # the tiny profile's 2 tasks, each with both LoRAs
     assert "checklist judge (MLLM)" in out  # the embedded judges answered
     run_dir = tmp_path / "runs" / "t-all"
     assert (run_dir / "sft" / LORA_WEIGHT_NAME).is_file() and (run_dir / "craft" / LORA_WEIGHT_NAME).is_file()
