@@ -303,10 +303,12 @@ def image_grid(images: np.ndarray, ncol: int) -> np.ndarray:
     return grid
 
 
-def evaluate_lora(cfg: Any, lora: str | Path | None, *, n_per_label: int, labels: Sequence[str] | None = None,
-                  judge=None, device: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, float]]:
-    """Generate the final evaluation set (a seed set disjoint from the periodic one) with ``lora`` (None =
-    the base model) and score it; returns (per-image scores, {evaluator: tau}).
+def evaluate_lora(cfg: Any, lora: str | Path | dict[str, torch.Tensor] | None, *, n_per_label: int,
+                  labels: Sequence[str] | None = None, judge=None, device: str | torch.device = "cpu"
+                  ) -> tuple[dict[str, Any], dict[str, float]]:
+    """Generate the final evaluation set (a seed set disjoint from the periodic one) with ``lora`` (a file or
+    folder, a diffusers-format state dict, or None for the base model) and score it; returns (per-image
+    scores, {evaluator: tau}).
 
     ``labels``: only these labels' part of the set, with the seeds the whole set gives them, so shards
     split by label concatenate (:func:`merge_scores`) to the whole set. The scores carry ``thumbs``,
@@ -326,7 +328,9 @@ def evaluate_lora(cfg: Any, lora: str | Path | None, *, n_per_label: int, labels
         keep = [i for i, lab in enumerate(names) if lab in wanted]
         names, prompts, seeds = ([xs[i] for i in keep] for xs in (names, prompts, seeds))
     model = DiffusionModel.from_config(cfg.model, device, seed=int(cfg.seed))
-    if lora is not None:
+    if isinstance(lora, dict):
+        model.load_lora_state_dict(lora)
+    elif lora is not None:
         model.load_lora(lora)
     images = generate(model, prompts, seeds, cfg.sampling, int(cfg.model.resolution))
     scores = score_images(images, names, setups, cfg, judge=judge, knowledge=knowledge)

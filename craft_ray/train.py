@@ -15,7 +15,10 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
+import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -147,11 +150,11 @@ def _prepare(cfg_dict: dict) -> dict[str, float]:
     return {w: ev.ScoringSetup.build(cfg, w, knowledge, "cpu", manifest).threshold.tau for w in ev.EVALUATORS}
 
 
-def _final_evaluation(cfg_dict: dict, loras: dict[str, tuple[Any, str]], labels: list[str], use_judges: bool
+def _final_evaluation(cfg_dict: dict, loras: dict[str, Any], labels: list[str], use_judges: bool
                       ) -> tuple[dict[str, dict], dict]:
     """One shard of the final evaluation (a Ray task on a training node): for each LoRA (name -> (folder or
-    ``ray.train.Checkpoint``, file name in it)), the per-image scores of ``labels``' part of the fixed seed
-    set; and the taus."""
+    ``ray.train.Checkpoint``, file name in it), or a diffusers-format state dict), the per-image scores of
+    ``labels``' part of the fixed seed set; and the taus."""
     import torch
 
     from craft_ray import evaluate as ev
@@ -166,17 +169,21 @@ def _final_evaluation(cfg_dict: dict, loras: dict[str, tuple[Any, str]], labels:
         judge = _judge_client(cfg)
     n = int(cfg.train.final_images_per_label)
     scores, taus = {}, {}
-    for name, (source, file) in loras.items():
+    for name, lora in loras.items():
+        if isinstance(lora, dict):
+            scores[name], taus = ev.evaluate_lora(cfg, lora, n_per_label=n, labels=labels, judge=judge, device=device)
+            continue
+        source, file = lora
         with source.as_directory() if hasattr(source, "as_directory") else contextlib.nullcontext(source) as folder:
             scores[name], taus = ev.evaluate_lora(cfg, Path(folder) / file, n_per_label=n, labels=labels,
                                                   judge=judge, device=device)
     return scores, taus
 
 
-def submit_final_evaluation(cfg: DictConfig, loras: dict[str, tuple[Any, str]], use_judges: bool) -> list[Any]:
-    """Submit the final evaluation of ``loras`` (name -> (folder or checkpoint, LoRA file in it)) as
-    ``train.final_eval_tasks`` Ray tasks, each every LoRA on a share of the labels; returns their object
-    refs (see :func:`gather_final_evaluation`)."""
+def submit_final_evaluation(cfg: DictConfig, loras: dict[str, Any], use_judges: bool) -> list[Any]:
+    """Submit the final evaluation of ``loras`` (name -> (folder or checkpoint, LoRA file in it), or a state
+    dict) as ``train.final_eval_tasks`` Ray tasks, each every LoRA on a share of the labels; returns their
+    object refs (see :func:`gather_final_evaluation`)."""
     import ray
 
     from craft_ray.modalities import get_modality
@@ -228,7 +235,7 @@ def fit_stage(cfg: DictConfig, stage: str, run_id: str | None, init_lora: Any, e
 
 
 def fit_stages(cfg: DictConfig, stages: tuple[str, ...], run_ids: dict[str, str | None], init_lora: Any,
-               extra_prompts: dict, use_judges: bool, out_dir: Path):
+               extra_prompts: dict, use_judges: bool, out_dir: Path, lora_token: str | None = None):
     """Train ``stages`` (one, or sft then craft) in one TorchTrainer run, named ``<name>-<stage>``, or
     ``<name>-all`` for both (in this process when ``train.num_workers=0``). One run for both stages
     saves starting a second worker group (its processes, imports and models: about 25 s of a 5-minute
@@ -236,12 +243,13 @@ def fit_stages(cfg: DictConfig, stages: tuple[str, ...], run_ids: dict[str, str 
 
     Returns the final checkpoint (a ``ray.train.Checkpoint`` or a local folder; after both stages it
     also holds the SFT LoRA, ``training.INIT_LORA_FILE``) and the last stage's final metrics.
+    ``lora_token``: rank 0 tags each stage's MLflow run with it once the stage's LoRA is logged there.
     """
     from craft_ray import training
 
     config = {"cfg": OmegaConf.to_container(cfg, resolve=True), "stages": list(stages), "init_lora": init_lora,
               "mlflow_run_ids": run_ids, "output_dir": str(out_dir), "extra_prompts": extra_prompts,
-              "use_judges": use_judges}
+              "use_judges": use_judges, "lora_token": lora_token}
     n = int(cfg.train.num_workers)
     for stage in stages:
         print(_describe_stage(cfg, stage), flush=True)
@@ -278,6 +286,42 @@ def fit_stages(cfg: DictConfig, stages: tuple[str, ...], run_ids: dict[str, str 
     if result.checkpoint is None:
         raise UserError(f"stage {'+'.join(stages)} finished without a checkpoint under {cfg.ray.storage_path}")
     return result.checkpoint, dict(result.metrics or {})
+
+
+@contextlib.contextmanager
+def _evaluate_sft_once_logged(cfg: DictConfig, sft_run: str, token: str, use_judges: bool,
+                              evaluation: dict[str, list[Any]]):
+    """While the body trains sft and then craft, submit the SFT LoRA's final evaluation to
+    ``evaluation["sft"]`` as soon as rank 0 has logged that LoRA to MLflow (SFT's run tagged with
+    ``token``), so that its tasks run beside the CRAFT loop instead of after it. The LoRA is read from
+    MLflow, which every node reaches. If it does not appear (a restarted run that skipped SFT), the
+    driver evaluates the SFT LoRA after CRAFT, from CRAFT's checkpoint."""
+    from safetensors.torch import load_file
+
+    from craft_ray import tracking
+    from craft_ray.training import LORA_TOKEN_TAG, LORA_WEIGHT_NAME
+
+    client, done = tracking.client(cfg.tracking.tracking_uri), threading.Event()
+
+    def watch() -> None:
+        try:
+            while not done.wait(2.0):
+                if client.get_run(sft_run).data.tags.get(LORA_TOKEN_TAG) == token:
+                    with tempfile.TemporaryDirectory(prefix="craft-sft-lora-") as tmp:
+                        path = client.download_artifacts(sft_run, f"lora/{LORA_WEIGHT_NAME}", tmp)
+                        lora = load_file(path)
+                    evaluation["sft"] = submit_final_evaluation(cfg, {"sft": lora}, use_judges)
+                    return
+        except Exception as exc:  # evaluated after CRAFT instead
+            print(f"the SFT LoRA's evaluation waits for CRAFT's end ({type(exc).__name__}: {exc})", flush=True)
+
+    thread = threading.Thread(target=watch, name="evaluate-sft", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def _init_lora(cfg: DictConfig, out_dir: Path) -> str:
@@ -327,15 +371,22 @@ def train(cfg: DictConfig) -> int:
         training_stages = tuple(s for s in stages if s != "evaluate")
         init = _init_lora(cfg, out_dir) if training_stages == ("craft",) else None
         t0 = time.perf_counter()
-        final, metrics = fit_stages(cfg, training_stages, runs, init, extra, use_judges, out_dir)
+        evaluation: dict[str, list[Any]] = {}  # name -> Ray tasks of the final evaluation (stage=all)
+        token = uuid.uuid4().hex
+        with (_evaluate_sft_once_logged(cfg, runs["sft"], token, use_judges, evaluation) if "evaluate" in stages
+              else contextlib.nullcontext()):
+            final, metrics = fit_stages(cfg, training_stages, runs, init, extra, use_judges, out_dir, token)
         from craft_ray.training import INIT_LORA_FILE, LORA_WEIGHT_NAME, describe_metrics
 
         print(f"[{'+'.join(training_stages)}] finished in {time.perf_counter() - t0:.0f} s: "
               f"{describe_metrics(metrics)}", flush=True)
         if "evaluate" in stages:
-            # both from CRAFT's last checkpoint, which holds the SFT LoRA it started from; SFT is the baseline
-            loras = {"sft": (final, INIT_LORA_FILE), "craft": (final, LORA_WEIGHT_NAME)}
-            _evaluate(cfg, submit_final_evaluation(cfg, loras, use_judges), top, out_dir)
+            # CRAFT's last checkpoint also holds the SFT LoRA it started from
+            loras = {"craft": (final, LORA_WEIGHT_NAME)}
+            if "sft" not in evaluation:
+                loras["sft"] = (final, INIT_LORA_FILE)
+            evaluation["after CRAFT"] = submit_final_evaluation(cfg, loras, use_judges)
+            _evaluate(cfg, evaluation, top, out_dir)
         status = "FINISHED"
     finally:
         tracking.end_runs(cfg.tracking.tracking_uri, runs, status)
@@ -356,14 +407,19 @@ def _log_inputs(cfg: DictConfig, tracker, out_dir: Path) -> None:
     tracker.set_tag("knowledge_version", knowledge.content_hash())
 
 
-def _evaluate(cfg: DictConfig, evaluation: list[Any], tracker, out_dir: Path) -> None:
-    """Wait for the final evaluation's Ray tasks, print and log the SFT-vs-CRAFT table."""
+def _evaluate(cfg: DictConfig, evaluation: dict[str, list[Any]], tracker, out_dir: Path) -> None:
+    """Wait for the final evaluation's Ray tasks (groups of tasks by when they were submitted), print and
+    log the SFT-vs-CRAFT table."""
     import numpy as np
 
     from craft_ray import evaluate as ev
 
     t0 = time.perf_counter()
-    runs, taus = gather_final_evaluation(evaluation)
+    scores, taus = {}, {}
+    for refs in evaluation.values():
+        got, taus = gather_final_evaluation(refs)
+        scores.update(got)
+    runs = {name: scores[name] for name in ("sft", "craft")}  # the first is the table's baseline
     rows = ev.compare_rows(runs, taus, n_boot=int(cfg.cas.bootstrap), seed=int(cfg.seed))
     n = int(cfg.train.final_images_per_label)
     title = (f"SFT vs CRAFT, {cfg.modality} ({cfg.data.dataset}), {n} images per label on a fixed seed set; "

@@ -54,6 +54,8 @@ STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 BEST_LORA_FILE = "best_ood_lora.safetensors"
 INIT_LORA_FILE = "init_lora.safetensors"  # CRAFT's checkpoints: the LoRA it started from (the SFT LoRA)
+# MLflow tag rank 0 sets on a stage's run once its final LoRA is logged there: the driver's token for this run
+LORA_TOKEN_TAG = "craft_ray.lora_token"
 COND_DROPOUT = 0.1  # SFT: share of prompts replaced by "" (keeps the unconditional model for guidance)
 
 
@@ -544,6 +546,8 @@ def _run_stage(config: dict, session: Session) -> tuple[StageState, dict[str, to
         if tracker:
             tracker.log_artifact(final, "lora")
             tracker.finish(state)
+            if config.get("lora_token"):  # the driver may evaluate this LoRA while the next stage trains
+                tracker.set_tag(LORA_TOKEN_TAG, str(config["lora_token"]))
     return state, model.lora_state_dict()
 
 

@@ -399,9 +399,12 @@ def test_craft_with_the_preference_term_on_two_ddp_workers(micro_world, tmp_path
     out = capsys.readouterr().out
     assert "preference term: 2 prompts per worker and micro-step, every two of 4 samples (6 pairs each)" in out
     assert "SFT vs CRAFT" in out
-    state = json.loads(sorted((tmp_path / "ray" / "t-pref-ddp-craft").glob("checkpoint_*/state.json"))[-1].read_text())
+    # both stages in one Ray Train run; its last checkpoint is CRAFT's and holds the SFT LoRA too
+    last = sorted(p.parent for p in (tmp_path / "ray" / "t-pref-ddp-all").glob("checkpoint_*/state.json"))[-1]
+    state = json.loads((last / "state.json").read_text())
     # 2 steps x 2 workers x (2 prompts x 4 candidates) generated images
-    assert state["step"] == 2 and state["images_seen"] == 2 * 2 * 8
+    assert state["stage"] == "craft" and state["step"] == 2 and state["images_seen"] == 2 * 2 * 8
+    assert (last / training.INIT_LORA_FILE).is_file()
     assert "[craft] 2 steps; effective batch 16 = 8 per worker x 1 accumulation x 2 worker(s)" in out
 
 
@@ -489,6 +492,7 @@ def test_train_all_on_ray_logs_runs_and_prints_the_table(micro_world, tmp_path, 
         evals = client.get_metric_history(run.info.run_id, "eval/train_cas")
         assert [m.step for m in evals] == ([3] if stage == "sft" else [2])
         assert "eval/ood_tail_rate" in run.data.metrics and "grad_norm" in run.data.metrics
+        assert len(run.data.tags[training.LORA_TOKEN_TAG]) == 32  # the driver's token: the LoRA is logged
         arts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"lora", "samples"} <= arts
     parent_run = by_stage["all"]
