@@ -28,22 +28,11 @@ import torch
 from craft_ray import cas
 from craft_ray.data.dataset import ImageDataset, load_dataset, phantom_cache_dir
 from craft_ray.errors import UserError
-from craft_ray.knowledge import Knowledge, load_knowledge, load_shipped
+from craft_ray.knowledge import Knowledge, load_knowledge, load_knowledge_for, load_shipped  # noqa: F401
 from craft_ray.modalities import get_modality
 from craft_ray.sampling import sample
 
 EVALUATORS = ("train", "ood")  # the training evaluator (reward) and the out-of-family one (audits)
-
-
-def load_knowledge_for(cfg: Any) -> Knowledge:
-    """The knowledge file of a config: ``knowledge.path`` or the shipped one for (modality, dataset)."""
-    know = load_knowledge(cfg.knowledge.path) if cfg.knowledge.path else load_shipped(cfg.modality, cfg.data.dataset)
-    if know.modality != cfg.modality or know.dataset != cfg.data.dataset:
-        raise UserError(
-            f"knowledge file {cfg.knowledge.path!r} is for {know.modality}/{know.dataset}, but the run is "
-            f"{cfg.modality}/{cfg.data.dataset}"
-        )
-    return know
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

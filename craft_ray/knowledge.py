@@ -383,6 +383,17 @@ def load_shipped(modality: str, dataset: str = "phantom") -> Knowledge:
     return load_knowledge(shipped_path(modality, dataset))
 
 
+def load_knowledge_for(cfg: Any) -> Knowledge:
+    """The knowledge file of a config: ``knowledge.path`` or the shipped one for (modality, dataset)."""
+    know = load_knowledge(cfg.knowledge.path) if cfg.knowledge.path else load_shipped(cfg.modality, cfg.data.dataset)
+    if know.modality != cfg.modality or know.dataset != cfg.data.dataset:
+        raise UserError(
+            f"knowledge file {cfg.knowledge.path!r} is for {know.modality}/{know.dataset}, but the run is "
+            f"{cfg.modality}/{cfg.data.dataset}"
+        )
+    return know
+
+
 def _summary(knowledge: Knowledge, verbose: bool) -> list[str]:
     lines = [
         f"file:        {knowledge.source}",

@@ -211,9 +211,17 @@ def gather_final_evaluation(refs: list[Any]) -> tuple[dict[str, dict], dict]:
 # ----------------------------------------------------------------------------------------------- stages
 
 
+def _train_loop(config: dict) -> None:
+    """A Train worker's entry point: :func:`craft_ray.training.train_loop_per_worker`, imported there (the
+    driver does not load torch, diffusers and peft for it)."""
+    from craft_ray.training import train_loop_per_worker
+
+    train_loop_per_worker(config)
+
+
 def _describe_stage(cfg: DictConfig, stage: str) -> str:
     """The line printed when a stage starts: its steps and effective batch."""
-    from craft_ray.training import images_per_micro_step, stage_steps
+    from craft_ray.stages import images_per_micro_step, stage_steps
 
     n, t, r = max(1, int(cfg.train.num_workers)), cfg.train, cfg.reward
     preference = ""
@@ -242,11 +250,9 @@ def fit_stages(cfg: DictConfig, stages: tuple[str, ...], run_ids: dict[str, str 
     tiny run on 2 cores).
 
     Returns the final checkpoint (a ``ray.train.Checkpoint`` or a local folder; after both stages it
-    also holds the SFT LoRA, ``training.INIT_LORA_FILE``) and the last stage's final metrics.
+    also holds the SFT LoRA, ``stages.INIT_LORA_FILE``) and the last stage's final metrics.
     ``lora_token``: rank 0 tags each stage's MLflow run with it once the stage's LoRA is logged there.
     """
-    from craft_ray import training
-
     config = {"cfg": OmegaConf.to_container(cfg, resolve=True), "stages": list(stages), "init_lora": init_lora,
               "mlflow_run_ids": run_ids, "output_dir": str(out_dir), "extra_prompts": extra_prompts,
               "use_judges": use_judges, "lora_token": lora_token}
@@ -256,6 +262,8 @@ def fit_stages(cfg: DictConfig, stages: tuple[str, ...], run_ids: dict[str, str 
     name = f"{cfg.name}-{stages[0] if len(stages) == 1 else 'all'}"
     storage = Path(cfg.ray.storage_path) if "://" not in str(cfg.ray.storage_path) else None
     if n == 0:
+        from craft_ray import training
+
         session = training.LocalSession((storage or out_dir) / name, keep=int(cfg.train.keep_checkpoints))
         training.run_stages(config, session)
         return session.latest, session.last_metrics
@@ -267,7 +275,7 @@ def fit_stages(cfg: DictConfig, stages: tuple[str, ...], run_ids: dict[str, str 
     if cfg.train.use_gpu:
         resources["GPU"] = 1.0
     trainer = TorchTrainer(
-        training.train_loop_per_worker,
+        _train_loop,
         train_loop_config=config,
         scaling_config=ScalingConfig(num_workers=n, use_gpu=bool(cfg.train.use_gpu), resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
@@ -299,7 +307,7 @@ def _evaluate_sft_once_logged(cfg: DictConfig, sft_run: str, token: str, use_jud
     from safetensors.torch import load_file
 
     from craft_ray import tracking
-    from craft_ray.training import LORA_TOKEN_TAG, LORA_WEIGHT_NAME
+    from craft_ray.stages import LORA_TOKEN_TAG, LORA_WEIGHT_NAME
 
     client, done = tracking.client(cfg.tracking.tracking_uri), threading.Event()
 
@@ -376,7 +384,7 @@ def train(cfg: DictConfig) -> int:
         with (_evaluate_sft_once_logged(cfg, runs["sft"], token, use_judges, evaluation) if "evaluate" in stages
               else contextlib.nullcontext()):
             final, metrics = fit_stages(cfg, training_stages, runs, init, extra, use_judges, out_dir, token)
-        from craft_ray.training import INIT_LORA_FILE, LORA_WEIGHT_NAME, describe_metrics
+        from craft_ray.stages import INIT_LORA_FILE, LORA_WEIGHT_NAME, describe_metrics
 
         print(f"[{'+'.join(training_stages)}] finished in {time.perf_counter() - t0:.0f} s: "
               f"{describe_metrics(metrics)}", flush=True)
@@ -396,12 +404,12 @@ def train(cfg: DictConfig) -> int:
 
 
 def _log_inputs(cfg: DictConfig, tracker, out_dir: Path) -> None:
-    from craft_ray import evaluate as ev
+    from craft_ray.knowledge import load_knowledge_for
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "config.yaml").write_text(to_yaml(cfg))
     tracker.log_artifact(out_dir / "config.yaml", "config")
-    knowledge = ev.load_knowledge_for(cfg)
+    knowledge = load_knowledge_for(cfg)
     path = knowledge.save(out_dir / "knowledge.yaml")
     tracker.log_artifact(path, "knowledge")
     tracker.set_tag("knowledge_version", knowledge.content_hash())

@@ -36,7 +36,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
@@ -46,16 +45,21 @@ from craft_ray.config import LIST_CHOICES, check_craft_objective
 from craft_ray.data.dataset import ImageDataset, load_dataset
 from craft_ray.errors import UserError
 from craft_ray.modalities import get_modality
-from craft_ray.models.diffusion import LORA_WEIGHT_NAME, DiffusionModel
+from craft_ray.models.diffusion import DiffusionModel
 from craft_ray.rewards import make_reward
 from craft_ray.sampling import draft_lv, draw_k, sample
+from craft_ray.stages import (  # noqa: F401 (re-exported)
+    INIT_LORA_FILE,
+    LORA_TOKEN_TAG,
+    LORA_WEIGHT_NAME,
+    describe_metrics,
+    images_per_micro_step,
+    stage_steps,
+)
 
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 BEST_LORA_FILE = "best_ood_lora.safetensors"
-INIT_LORA_FILE = "init_lora.safetensors"  # CRAFT's checkpoints: the LoRA it started from (the SFT LoRA)
-# MLflow tag rank 0 sets on a stage's run once its final LoRA is logged there: the driver's token for this run
-LORA_TOKEN_TAG = "craft_ray.lora_token"
 COND_DROPOUT = 0.1  # SFT: share of prompts replaced by "" (keeps the unconditional model for guidance)
 
 
@@ -297,21 +301,6 @@ def _broadcast(session: Session, obj: Any) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def stage_steps(cfg: DictConfig, stage: str) -> int:
-    """Optimizer steps of a stage."""
-    return int(cfg.train.sft_steps if stage == "sft" else cfg.train.craft_steps)
-
-
-def images_per_micro_step(cfg: DictConfig, stage: str) -> int:
-    """Images one worker trains on per micro-step: SFT's real batch; CRAFT's generated images (DRaFT's
-    batch and the preference term's candidates; check_craft_objective refuses a CRAFT with neither)."""
-    b, r = int(cfg.train.batch_size), cfg.reward
-    if stage == "sft":
-        return b
-    return (b if float(r.draft_weight) > 0 else 0) + (
-        (int(r.preference_prompts) or b) * int(r.preference_candidates) if float(r.preference_weight) > 0 else 0)
 
 
 # ----------------------------------------------------------------------------------------------- the loop
@@ -795,10 +784,3 @@ def read_progress(output_dir: str | Path, stage: str) -> dict | None:
     """The last ``progress.json`` of a stage (step, total, pid, time), or None."""
     path = Path(output_dir) / stage / "progress.json"
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def describe_metrics(metrics: dict[str, float]) -> str:
-    """One line of the key final metrics of a stage."""
-    keys = ("eval/train_cas", "eval/train_tail_rate", "eval/ood_cas", "eval/ood_tail_rate", "eval/oracle_label")
-    return ", ".join(f"{k.removeprefix('eval/')} {metrics[k]:.3f}" for k in keys if k in metrics
-                     and isinstance(metrics[k], float) and np.isfinite(metrics[k]))

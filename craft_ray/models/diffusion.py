@@ -33,9 +33,9 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from craft_ray.errors import UserError
 from craft_ray.sampling import decode
+from craft_ray.stages import LORA_WEIGHT_NAME  # noqa: F401 (diffusers' default LoRA file name; re-exported)
 
 SUBFOLDERS: tuple[str, ...] = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA file name
 ADAPTER = "default"  # the one peft adapter this project trains
 _DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
