@@ -1,7 +1,7 @@
 """The training stages as the driver sees them, without torch: what a stage's checkpoints and MLflow run
 hold, its steps and images per micro-step, and the line that sums up its metrics. The driver
-(:mod:`craft_ray.train`) imports this instead of :mod:`craft_ray.training`, which loads torch, diffusers
-and peft; the Train workers load those.
+(:mod:`craft_ray.train`) imports this instead of :mod:`craft_ray.training`, which loads diffusers and
+peft; the Train workers load those.
 """
 
 from __future__ import annotations

@@ -213,7 +213,7 @@ def gather_final_evaluation(refs: list[Any]) -> tuple[dict[str, dict], dict]:
 
 def _train_loop(config: dict) -> None:
     """A Train worker's entry point: :func:`craft_ray.training.train_loop_per_worker`, imported there (the
-    driver does not load torch, diffusers and peft for it)."""
+    driver does not load the training loop's diffusers and peft for it)."""
     from craft_ray.training import train_loop_per_worker
 
     train_loop_per_worker(config)
