@@ -194,8 +194,8 @@ class TrainConfig:
     sft_eval_every: int | None = None  # steps between the SFT stage's periodic evaluations; null = eval_every
     eval_images_per_label: int = 16  # periodic evaluation: images per label (fixed seed set)
     final_images_per_label: int = 64  # final SFT-vs-CRAFT evaluation: images per label (another fixed seed set)
-    # Ray tasks (train.cpus_per_worker CPUs each) that split the final evaluation by label, each task
-    # evaluating both LoRAs on its labels; submitted when CRAFT ends
+    # Ray tasks (train.cpus_per_worker CPUs each) per LoRA batch that split the final evaluation by label:
+    # the SFT LoRA's once rank 0 has logged it to MLflow (beside CRAFT), the CRAFT LoRA's after CRAFT
     final_eval_tasks: int = 1
     log_every: int = 10  # steps between progress lines and MLflow metric logs
     checkpoint_every: int = 20  # steps between checkpoints

@@ -150,11 +150,10 @@ def _prepare(cfg_dict: dict) -> dict[str, float]:
     return {w: ev.ScoringSetup.build(cfg, w, knowledge, "cpu", manifest).threshold.tau for w in ev.EVALUATORS}
 
 
-def _final_evaluation(cfg_dict: dict, loras: dict[str, Any], labels: list[str], use_judges: bool
+def _final_evaluation(cfg_dict: dict, loras: dict[str, dict], labels: list[str], use_judges: bool
                       ) -> tuple[dict[str, dict], dict]:
-    """One shard of the final evaluation (a Ray task on a training node): for each LoRA (name -> (folder or
-    ``ray.train.Checkpoint``, file name in it), or a diffusers-format state dict), the per-image scores of
-    ``labels``' part of the fixed seed set; and the taus."""
+    """One shard of the final evaluation (a Ray task on a training node): for each LoRA (name -> diffusers-
+    format state dict), the per-image scores of ``labels``' part of the fixed seed set; and the taus."""
     import torch
 
     from craft_ray import evaluate as ev
@@ -170,20 +169,22 @@ def _final_evaluation(cfg_dict: dict, loras: dict[str, Any], labels: list[str], 
     n = int(cfg.train.final_images_per_label)
     scores, taus = {}, {}
     for name, lora in loras.items():
-        if isinstance(lora, dict):
-            scores[name], taus = ev.evaluate_lora(cfg, lora, n_per_label=n, labels=labels, judge=judge, device=device)
-            continue
-        source, file = lora
-        with source.as_directory() if hasattr(source, "as_directory") else contextlib.nullcontext(source) as folder:
-            scores[name], taus = ev.evaluate_lora(cfg, Path(folder) / file, n_per_label=n, labels=labels,
-                                                  judge=judge, device=device)
+        scores[name], taus = ev.evaluate_lora(cfg, lora, n_per_label=n, labels=labels, judge=judge, device=device)
     return scores, taus
 
 
-def submit_final_evaluation(cfg: DictConfig, loras: dict[str, Any], use_judges: bool) -> list[Any]:
-    """Submit the final evaluation of ``loras`` (name -> (folder or checkpoint, LoRA file in it), or a state
-    dict) as ``train.final_eval_tasks`` Ray tasks, each every LoRA on a share of the labels; returns their
-    object refs (see :func:`gather_final_evaluation`)."""
+def read_lora(source: Any, file: str) -> dict:
+    """A LoRA file in a ``ray.train.Checkpoint`` (local or remote) or a folder, as a state dict."""
+    from safetensors.torch import load_file
+
+    with source.as_directory() if hasattr(source, "as_directory") else contextlib.nullcontext(source) as folder:
+        return load_file(str(Path(folder) / file))
+
+
+def submit_final_evaluation(cfg: DictConfig, loras: dict[str, dict], use_judges: bool) -> list[Any]:
+    """Submit the final evaluation of ``loras`` (name -> diffusers-format state dict, see :func:`read_lora`)
+    as ``train.final_eval_tasks`` Ray tasks, each every LoRA on a share of the labels; returns their object
+    refs (see :func:`gather_final_evaluation`)."""
     import ray
 
     from craft_ray.modalities import get_modality
@@ -298,14 +299,13 @@ def fit_stages(cfg: DictConfig, stages: tuple[str, ...], run_ids: dict[str, str 
 
 @contextlib.contextmanager
 def _evaluate_sft_once_logged(cfg: DictConfig, sft_run: str, token: str, use_judges: bool,
-                              evaluation: dict[str, list[Any]]):
+                              evaluation: dict[str, list[Any]], poll_s: float = 2.0):
     """While the body trains sft and then craft, submit the SFT LoRA's final evaluation to
     ``evaluation["sft"]`` as soon as rank 0 has logged that LoRA to MLflow (SFT's run tagged with
-    ``token``), so that its tasks run beside the CRAFT loop instead of after it. The LoRA is read from
+    ``token``; polled every ``poll_s``), so that its tasks run beside the CRAFT loop instead of after it.
+    The LoRA is read from
     MLflow, which every node reaches. If it does not appear (a restarted run that skipped SFT), the
     driver evaluates the SFT LoRA after CRAFT, from CRAFT's checkpoint."""
-    from safetensors.torch import load_file
-
     from craft_ray import tracking
     from craft_ray.stages import LORA_TOKEN_TAG, LORA_WEIGHT_NAME
 
@@ -313,12 +313,13 @@ def _evaluate_sft_once_logged(cfg: DictConfig, sft_run: str, token: str, use_jud
 
     def watch() -> None:
         try:
-            while not done.wait(2.0):
+            while not done.wait(poll_s):
                 if client.get_run(sft_run).data.tags.get(LORA_TOKEN_TAG) == token:
                     with tempfile.TemporaryDirectory(prefix="craft-sft-lora-") as tmp:
-                        path = client.download_artifacts(sft_run, f"lora/{LORA_WEIGHT_NAME}", tmp)
-                        lora = load_file(path)
+                        path = Path(client.download_artifacts(sft_run, f"lora/{LORA_WEIGHT_NAME}", tmp))
+                        lora = read_lora(path.parent, path.name)
                     evaluation["sft"] = submit_final_evaluation(cfg, {"sft": lora}, use_judges)
+                    print("the SFT LoRA's final evaluation started, beside CRAFT", flush=True)
                     return
         except Exception as exc:  # evaluated after CRAFT instead
             print(f"the SFT LoRA's evaluation waits for CRAFT's end ({type(exc).__name__}: {exc})", flush=True)
@@ -390,9 +391,9 @@ def train(cfg: DictConfig) -> int:
               f"{describe_metrics(metrics)}", flush=True)
         if "evaluate" in stages:
             # CRAFT's last checkpoint also holds the SFT LoRA it started from
-            loras = {"craft": (final, LORA_WEIGHT_NAME)}
+            loras = {"craft": read_lora(final, LORA_WEIGHT_NAME)}
             if "sft" not in evaluation:
-                loras["sft"] = (final, INIT_LORA_FILE)
+                loras["sft"] = read_lora(final, INIT_LORA_FILE)
             evaluation["after CRAFT"] = submit_final_evaluation(cfg, loras, use_judges)
             _evaluate(cfg, evaluation, top, out_dir)
         status = "FINISHED"

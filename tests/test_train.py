@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -180,6 +181,37 @@ def test_sft_then_craft_in_one_run_equals_two_runs_and_resumes_without_sft(micro
     assert not (one / "sft").exists()
     a, b = load_file(str(two / "craft" / LORA_WEIGHT_NAME)), load_file(str(one / "craft" / LORA_WEIGHT_NAME))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_sft_lora_is_evaluated_once_rank_0_has_logged_it_to_mlflow(micro_world, tmp_path, monkeypatch, capsys):
+    """stage=all: the driver's watcher submits the SFT LoRA's evaluation when SFT's MLflow run carries this
+    run's token, with the LoRA read from MLflow; another run's token (or none) leaves it for after CRAFT."""
+    from safetensors.torch import save_file
+
+    from craft_ray import tracking, train
+
+    cfg = micro_cfg(micro_world, tmp_path, "stage=all")
+    runs = tracking.stage_runs(cfg, ("sft", "craft"))
+    lora = {"unet.down.lora.down.weight": torch.arange(6.0).reshape(2, 3)}
+    save_file(lora, str(tmp_path / LORA_WEIGHT_NAME))
+    sft_run = tracking.StageTracker(cfg.tracking.tracking_uri, runs["sft"])
+    sft_run.log_artifact(tmp_path / LORA_WEIGHT_NAME, "lora")
+    submitted = []
+    monkeypatch.setattr(train, "submit_final_evaluation", lambda c, loras, judges: submitted.append(loras) or ["ref"])
+
+    evaluation: dict = {}
+    sft_run.set_tag(training.LORA_TOKEN_TAG, "an earlier run")
+    with train._evaluate_sft_once_logged(cfg, runs["sft"], "this run", False, evaluation, poll_s=0.1):
+        time.sleep(0.5)
+    assert evaluation == {} and submitted == []  # evaluated after CRAFT, from its checkpoint
+
+    with train._evaluate_sft_once_logged(cfg, runs["sft"], "this run", False, evaluation, poll_s=0.1):
+        sft_run.set_tag(training.LORA_TOKEN_TAG, "this run")
+        time.sleep(1.0)
+    assert evaluation == {"sft": ["ref"]}
+    assert list(submitted[0]) == ["sft"] and torch.equal(submitted[0]["sft"]["unet.down.lora.down.weight"],
+                                                         lora["unet.down.lora.down.weight"])
+    assert "the SFT LoRA's final evaluation started, beside CRAFT" in capsys.readouterr().out
 
 
 def test_sft_evaluates_every_sft_eval_every_steps(micro_world, tmp_path, monkeypatch):
