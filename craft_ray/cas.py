@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from craft_ray.errors import UserError
+from craft_ray.knowledge import checklist_judge  # noqa: F401 (re-exported; the judges' ingress imports it there)
 from craft_ray.modalities import DISTRACTORS, MODALITIES
 
 DIMENSIONS: tuple[str, ...] = ("label", "checklist", "modality", "realism")
@@ -447,30 +448,6 @@ def tail_reduction_ci(cas: np.ndarray, baseline_cas: np.ndarray, tau: float, *, 
 # --------------------------------------------------------------------------------------------
 # The MLLM twin of the checklist dimension
 # --------------------------------------------------------------------------------------------
-
-
-def checklist_judge(p_yes: np.ndarray | torch.Tensor, item_ids: Sequence[str], parents: Mapping[str, str | None],
-                    *, gating: bool = False, threshold: float = 0.5) -> np.ndarray:
-    """Non-differentiable checklist twin from judge answers.
-
-    p_yes [B,K]: P(yes | image, item question) from the MLLM judge for the K items ``item_ids``.
-    Score = mean over items of P(yes); with DSG-style ``gating`` a child item counts 0 when its
-    parent is answered no (parent P(yes) < threshold). Returns [B].
-    """
-    p = np.asarray(torch.as_tensor(p_yes).detach().cpu(), dtype=np.float64).copy()
-    if p.ndim != 2 or p.shape[1] != len(item_ids):
-        raise UserError(f"p_yes must be [images, {len(item_ids)} items], got shape {p.shape}")
-    if gating:
-        col = {item: j for j, item in enumerate(item_ids)}
-        for j, item in enumerate(item_ids):
-            ancestor = parents.get(item)
-            seen = set()
-            while ancestor is not None and ancestor not in seen:
-                seen.add(ancestor)
-                if ancestor in col:
-                    p[:, j] = np.where(p[:, col[ancestor]] < threshold, 0.0, p[:, j])
-                ancestor = parents.get(ancestor)
-    return p.mean(axis=1)
 
 
 def judge_checklist(judge, images: Sequence, label: str, knowledge, *, gating: bool = False

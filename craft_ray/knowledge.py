@@ -33,11 +33,12 @@ import json
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from craft_ray.cli import Parser, run
@@ -392,6 +393,30 @@ def load_knowledge_for(cfg: Any) -> Knowledge:
             f"{cfg.modality}/{cfg.data.dataset}"
         )
     return know
+
+
+def checklist_judge(p_yes: Any, item_ids: Sequence[str], parents: Mapping[str, str | None],
+                    *, gating: bool = False, threshold: float = 0.5) -> np.ndarray:
+    """Non-differentiable checklist twin from judge answers.
+
+    p_yes [B,K]: P(yes | image, item question) from the MLLM judge for the K items ``item_ids``.
+    Score = mean over items of P(yes); with DSG-style ``gating`` a child item counts 0 when its
+    parent is answered no (parent P(yes) < threshold). Returns [B].
+    """
+    p = np.array(p_yes.detach().cpu() if hasattr(p_yes, "detach") else p_yes, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] != len(item_ids):
+        raise UserError(f"p_yes must be [images, {len(item_ids)} items], got shape {p.shape}")
+    if gating:
+        col = {item: j for j, item in enumerate(item_ids)}
+        for j, item in enumerate(item_ids):
+            ancestor = parents.get(item)
+            seen = set()
+            while ancestor is not None and ancestor not in seen:
+                seen.add(ancestor)
+                if ancestor in col:
+                    p[:, j] = np.where(p[:, col[ancestor]] < threshold, 0.0, p[:, j])
+                ancestor = parents.get(ancestor)
+    return p.mean(axis=1)
 
 
 def _summary(knowledge: Knowledge, verbose: bool) -> list[str]:

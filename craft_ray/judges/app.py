@@ -44,7 +44,6 @@ from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from craft_ray.cas import checklist_judge
 from craft_ray.errors import UserError
 from craft_ray.judges.deployments import ChecklistBuilder, ChecklistJudge, PromptEnricher
 from craft_ray.judges.schemas import (
@@ -67,7 +66,7 @@ from craft_ray.judges.schemas import (
     decode_image,
     error_body,
 )
-from craft_ray.knowledge import Knowledge, load_knowledge, load_shipped
+from craft_ray.knowledge import Knowledge, checklist_judge, load_knowledge, load_shipped
 from craft_ray.models.engines import EngineError, chat_response, parse_chat_request
 
 REPLICA_ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}  # one torch thread per replica
