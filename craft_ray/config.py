@@ -194,9 +194,12 @@ class TrainConfig:
     sft_eval_every: int | None = None  # steps between the SFT stage's periodic evaluations; null = eval_every
     eval_images_per_label: int = 16  # periodic evaluation: images per label (fixed seed set)
     final_images_per_label: int = 64  # final SFT-vs-CRAFT evaluation: images per label (another fixed seed set)
-    # Ray tasks (train.cpus_per_worker CPUs each) per LoRA batch that split the final evaluation by label:
-    # the SFT LoRA's once rank 0 has logged it to MLflow (beside CRAFT), the CRAFT LoRA's after CRAFT
-    final_eval_tasks: int = 1
+    # Ray actors of the final SFT-vs-CRAFT evaluation (stage=all), which split each LoRA's labels between them.
+    # They start at SFT's end: sft_eval_workers of them evaluate the SFT LoRA beside the CRAFT loop (one
+    # leaves the other cores to training), all of them the CRAFT LoRA after CRAFT
+    final_eval_workers: int = 1
+    sft_eval_workers: int = 1
+    final_eval_cpus: float | None = None  # CPUs per final-evaluation actor (null = cpus_per_worker)
     log_every: int = 10  # steps between progress lines and MLflow metric logs
     checkpoint_every: int = 20  # steps between checkpoints
     keep_checkpoints: int = 2  # CheckpointConfig.num_to_keep

@@ -150,27 +150,99 @@ def _prepare(cfg_dict: dict) -> dict[str, float]:
     return {w: ev.ScoringSetup.build(cfg, w, knowledge, "cpu", manifest).threshold.tau for w in ev.EVALUATORS}
 
 
-def _final_evaluation(cfg_dict: dict, loras: dict[str, dict], labels: list[str], use_judges: bool
-                      ) -> tuple[dict[str, dict], dict]:
-    """One shard of the final evaluation (a Ray task on a training node): for each LoRA (name -> diffusers-
-    format state dict), the per-image scores of ``labels``' part of the fixed seed set; and the taus."""
-    import torch
+class FinalEvaluator:
+    """A Ray actor of the final evaluation (see :class:`FinalEvaluation`): evaluates LoRAs on the fixed
+    final seed set, a share of the labels per call. It imports the evaluation code and connects to the
+    judges when it starts, and keeps them for its later calls."""
 
-    from craft_ray import evaluate as ev
+    def __init__(self, cfg_dict: dict, use_judges: bool) -> None:
+        import torch
 
-    cfg = OmegaConf.create(cfg_dict)
-    torch.set_num_threads(max(1, int(cfg.train.torch_threads)))
-    device = "cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
-    judge = None
-    if use_judges:
-        from craft_ray.training import _judge_client
+        from craft_ray import evaluate  # noqa: F401 (imported once, here)
 
-        judge = _judge_client(cfg)
-    n = int(cfg.train.final_images_per_label)
-    scores, taus = {}, {}
-    for name, lora in loras.items():
-        scores[name], taus = ev.evaluate_lora(cfg, lora, n_per_label=n, labels=labels, judge=judge, device=device)
-    return scores, taus
+        self.cfg = OmegaConf.create(cfg_dict)
+        torch.set_num_threads(max(1, int(self.cfg.train.torch_threads)))
+        self.device = "cuda" if self.cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
+        self.judge = None
+        if use_judges:
+            from craft_ray.judges.client import connect
+
+            try:
+                self.judge = connect(self.cfg, retries=int(self.cfg.judges.client_retries))
+            except Exception as exc:  # the table's judge row is left empty, as for a judge gone mid-run
+                print(f"checklist judge unavailable for the final evaluation: {type(exc).__name__}: {exc}",
+                      flush=True)
+
+    def evaluate(self, loras: dict[str, dict], labels: list[str]) -> tuple[dict[str, dict], dict]:
+        """For each LoRA (name -> diffusers-format state dict), the per-image scores of ``labels``' part of
+        the final seed set; and the taus."""
+        from craft_ray import evaluate as ev
+
+        n = int(self.cfg.train.final_images_per_label)
+        scores, taus = {}, {}
+        for name, lora in loras.items():
+            scores[name], taus = ev.evaluate_lora(self.cfg, lora, n_per_label=n, labels=labels, judge=self.judge,
+                                                  device=self.device)
+        return scores, taus
+
+
+class FinalEvaluation:
+    """The SFT-vs-CRAFT evaluation (``stage=all``) on ``train.final_eval_workers`` Ray actors, each with
+    ``train.final_eval_cpus`` CPUs (a GPU with ``train.use_gpu``), that split each LoRA's labels between
+    them (the merged shards are the whole set).
+
+    The actors start with the first LoRA submitted, the SFT LoRA at SFT's end, while the CRAFT loop runs:
+    ``train.sft_eval_workers`` of them evaluate it there, and all of them the CRAFT LoRA after CRAFT. A
+    Ray task in their place started a new process after CRAFT, whose start and imports took 7-10 s of a
+    16-27 s evaluation on 2 cores."""
+
+    def __init__(self, cfg: DictConfig, use_judges: bool) -> None:
+        self.cfg, self.use_judges = cfg, use_judges
+        self.actors: list[Any] = []
+        self.refs: dict[str, list[Any]] = {}  # what was submitted -> one object ref per shard
+
+    def submit(self, key: str, loras: dict[str, dict], workers: int | None = None) -> None:
+        """Evaluate ``loras`` (name -> state dict, see :func:`read_lora`) on ``workers`` of the actors
+        (default: all), each on a share of the labels; ``key`` names the results for :meth:`gather`."""
+        import ray
+
+        from craft_ray.modalities import get_modality
+
+        if not self.actors:
+            t = self.cfg.train
+            opts: dict[str, Any] = {"num_cpus": float(t.final_eval_cpus or t.cpus_per_worker), "max_restarts": 1,
+                                    "max_task_retries": 1}
+            if t.use_gpu:
+                opts["num_gpus"] = 1
+            actor = ray.remote(FinalEvaluator).options(**opts)
+            cfg_dict = OmegaConf.to_container(self.cfg, resolve=True)
+            self.actors = [actor.remote(cfg_dict, self.use_judges) for _ in range(int(t.final_eval_workers))]
+        labels = get_modality(self.cfg.modality).label_names(self.cfg.data.dataset)
+        n = min(int(workers or len(self.actors)), len(self.actors))
+        shards = [part for i in range(n) if (part := labels[len(labels) * i // n:len(labels) * (i + 1) // n])]
+        self.refs[key] = [a.evaluate.remote(loras, list(part))
+                          for a, part in zip(self.actors[:len(shards)], shards, strict=True)]
+
+    def gather(self) -> tuple[dict[str, dict], dict]:
+        """Each LoRA's per-image scores on the whole final set (name -> scores), and the taus."""
+        import ray
+
+        from craft_ray import evaluate as ev
+
+        scores, taus = {}, {}
+        for refs in self.refs.values():
+            parts = ray.get(refs)
+            for name in parts[0][0]:
+                scores[name] = ev.merge_scores([got[name] for got, _ in parts])
+            taus = parts[0][1]
+        return scores, taus
+
+    def close(self) -> None:
+        import ray
+
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
 
 
 def read_lora(source: Any, file: str) -> dict:
@@ -179,34 +251,6 @@ def read_lora(source: Any, file: str) -> dict:
 
     with source.as_directory() if hasattr(source, "as_directory") else contextlib.nullcontext(source) as folder:
         return load_file(str(Path(folder) / file))
-
-
-def submit_final_evaluation(cfg: DictConfig, loras: dict[str, dict], use_judges: bool) -> list[Any]:
-    """Submit the final evaluation of ``loras`` (name -> diffusers-format state dict, see :func:`read_lora`)
-    as ``train.final_eval_tasks`` Ray tasks, each every LoRA on a share of the labels; returns their object
-    refs (see :func:`gather_final_evaluation`)."""
-    import ray
-
-    from craft_ray.modalities import get_modality
-
-    labels = get_modality(cfg.modality).label_names(cfg.data.dataset)
-    n = int(cfg.train.final_eval_tasks)
-    shards = [part for i in range(n) if (part := labels[len(labels) * i // n:len(labels) * (i + 1) // n])]
-    task = ray.remote(_final_evaluation).options(**_remote_options(cfg))
-    cfg_dict = OmegaConf.to_container(cfg, resolve=True)
-    return [task.remote(cfg_dict, loras, list(part), use_judges) for part in shards]
-
-
-def gather_final_evaluation(refs: list[Any]) -> tuple[dict[str, dict], dict]:
-    """Each LoRA's per-image scores on the whole final evaluation set (name -> scores), and the taus, from
-    the shards."""
-    import ray
-
-    from craft_ray import evaluate as ev
-
-    parts = ray.get(refs)
-    names = parts[0][0]
-    return {name: ev.merge_scores([scores[name] for scores, _ in parts]) for name in names}, parts[0][1]
 
 
 # ----------------------------------------------------------------------------------------------- stages
@@ -298,14 +342,14 @@ def fit_stages(cfg: DictConfig, stages: tuple[str, ...], run_ids: dict[str, str 
 
 
 @contextlib.contextmanager
-def _evaluate_sft_once_logged(cfg: DictConfig, sft_run: str, token: str, use_judges: bool,
-                              evaluation: dict[str, list[Any]], poll_s: float = 2.0):
-    """While the body trains sft and then craft, submit the SFT LoRA's final evaluation to
-    ``evaluation["sft"]`` as soon as rank 0 has logged that LoRA to MLflow (SFT's run tagged with
-    ``token``; polled every ``poll_s``), so that its tasks run beside the CRAFT loop instead of after it.
-    The LoRA is read from
-    MLflow, which every node reaches. If it does not appear (a restarted run that skipped SFT), the
-    driver evaluates the SFT LoRA after CRAFT, from CRAFT's checkpoint."""
+def _evaluate_sft_once_logged(cfg: DictConfig, sft_run: str, token: str, evaluation: FinalEvaluation,
+                              poll_s: float = 2.0):
+    """While the body trains sft and then craft, submit the SFT LoRA to ``evaluation`` (as ``"sft"``, on
+    ``train.sft_eval_workers`` of its actors) as soon as rank 0 has logged that LoRA to MLflow (SFT's run
+    tagged with ``token``; polled every ``poll_s``), so that it is evaluated beside the CRAFT loop instead
+    of after it. The LoRA is read from MLflow, which every node reaches. If it does not appear (a
+    restarted run that skipped SFT), the driver evaluates the SFT LoRA after CRAFT, from CRAFT's
+    checkpoint."""
     from craft_ray import tracking
     from craft_ray.stages import LORA_TOKEN_TAG, LORA_WEIGHT_NAME
 
@@ -313,12 +357,16 @@ def _evaluate_sft_once_logged(cfg: DictConfig, sft_run: str, token: str, use_jud
 
     def watch() -> None:
         try:
+            # The table's code (and diffusers, torch) imported now, while training leaves a core free, not
+            # after CRAFT, where it competed with the evaluation tasks (~2 s)
+            from craft_ray import evaluate  # noqa: F401
+
             while not done.wait(poll_s):
                 if client.get_run(sft_run).data.tags.get(LORA_TOKEN_TAG) == token:
                     with tempfile.TemporaryDirectory(prefix="craft-sft-lora-") as tmp:
                         path = Path(client.download_artifacts(sft_run, f"lora/{LORA_WEIGHT_NAME}", tmp))
                         lora = read_lora(path.parent, path.name)
-                    evaluation["sft"] = submit_final_evaluation(cfg, {"sft": lora}, use_judges)
+                    evaluation.submit("sft", {"sft": lora}, int(cfg.train.sft_eval_workers))
                     print("the SFT LoRA's final evaluation started, beside CRAFT", flush=True)
                     return
         except Exception as exc:  # evaluated after CRAFT instead
@@ -358,8 +406,8 @@ def train(cfg: DictConfig) -> int:
     out_dir = Path(cfg.output_dir) / str(cfg.name)
     if "craft" in stages:
         check_craft_objective(cfg.reward)
-    if "evaluate" in stages and int(cfg.train.final_eval_tasks) < 1:
-        raise UserError(f"train.final_eval_tasks={cfg.train.final_eval_tasks}: need at least 1 Ray task")
+    if "evaluate" in stages and int(cfg.train.final_eval_workers) < 1:
+        raise UserError(f"train.final_eval_workers={cfg.train.final_eval_workers}: need at least 1 Ray actor")
     tracking.client(cfg.tracking.tracking_uri)  # a refused tracking URI fails before Ray starts
     check_out_of_family(cfg.model.evaluator, cfg.model.ood_evaluator)
     init_ray(cfg)
@@ -380,9 +428,9 @@ def train(cfg: DictConfig) -> int:
         training_stages = tuple(s for s in stages if s != "evaluate")
         init = _init_lora(cfg, out_dir) if training_stages == ("craft",) else None
         t0 = time.perf_counter()
-        evaluation: dict[str, list[Any]] = {}  # name -> Ray tasks of the final evaluation (stage=all)
+        evaluation = FinalEvaluation(cfg, use_judges)  # stage=all
         token = uuid.uuid4().hex
-        with (_evaluate_sft_once_logged(cfg, runs["sft"], token, use_judges, evaluation) if "evaluate" in stages
+        with (_evaluate_sft_once_logged(cfg, runs["sft"], token, evaluation) if "evaluate" in stages
               else contextlib.nullcontext()):
             final, metrics = fit_stages(cfg, training_stages, runs, init, extra, use_judges, out_dir, token)
         from craft_ray.stages import INIT_LORA_FILE, LORA_WEIGHT_NAME, describe_metrics
@@ -392,12 +440,14 @@ def train(cfg: DictConfig) -> int:
         if "evaluate" in stages:
             # CRAFT's last checkpoint also holds the SFT LoRA it started from
             loras = {"craft": read_lora(final, LORA_WEIGHT_NAME)}
-            if "sft" not in evaluation:
+            if "sft" not in evaluation.refs:
                 loras["sft"] = read_lora(final, INIT_LORA_FILE)
-            evaluation["after CRAFT"] = submit_final_evaluation(cfg, loras, use_judges)
+            evaluation.submit("after CRAFT", loras)
             _evaluate(cfg, evaluation, top, out_dir)
         status = "FINISHED"
     finally:
+        if "evaluate" in stages:
+            evaluation.close()
         tracking.end_runs(cfg.tracking.tracking_uri, runs, status)
     print(f"total {time.perf_counter() - t_start:.0f} s; MLflow: {cfg.tracking.tracking_uri} experiment "
           f"{cfg.tracking.experiment!r}, run {runs.get('parent') or runs[stages[0]]}", flush=True)
@@ -416,18 +466,14 @@ def _log_inputs(cfg: DictConfig, tracker, out_dir: Path) -> None:
     tracker.set_tag("knowledge_version", knowledge.content_hash())
 
 
-def _evaluate(cfg: DictConfig, evaluation: dict[str, list[Any]], tracker, out_dir: Path) -> None:
-    """Wait for the final evaluation's Ray tasks (groups of tasks by when they were submitted), print and
-    log the SFT-vs-CRAFT table."""
+def _evaluate(cfg: DictConfig, evaluation: FinalEvaluation, tracker, out_dir: Path) -> None:
+    """Wait for the final evaluation, print and log the SFT-vs-CRAFT table."""
     import numpy as np
 
     from craft_ray import evaluate as ev
 
     t0 = time.perf_counter()
-    scores, taus = {}, {}
-    for refs in evaluation.values():
-        got, taus = gather_final_evaluation(refs)
-        scores.update(got)
+    scores, taus = evaluation.gather()
     runs = {name: scores[name] for name in ("sft", "craft")}  # the first is the table's baseline
     rows = ev.compare_rows(runs, taus, n_boot=int(cfg.cas.bootstrap), seed=int(cfg.seed))
     n = int(cfg.train.final_images_per_label)

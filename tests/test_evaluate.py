@@ -132,7 +132,7 @@ def test_banks_and_thresholds_follow_the_evaluator_weights_not_its_path(micro_wo
 
 
 def test_a_final_evaluation_split_by_label_is_the_whole_set(micro_world, tmp_path):
-    """train.final_eval_tasks splits a LoRA's final evaluation by label: the shards, merged, are the
+    """train.final_eval_workers splits a LoRA's final evaluation by label: the shards, merged, are the
     whole set's images and scores (the same seeds; exactly so when the generation batches align)."""
     cfg = micro_cfg(micro_world, tmp_path)
     labels = ["no_finding", "cardiomegaly", "pleural_effusion", "nodule"]

@@ -469,3 +469,13 @@ def test_overload_answers_503_instead_of_hanging(judges):
     codes = [r.status_code for r in responses]
     assert set(codes) <= {200, 503} and codes.count(503) >= 10 and codes.count(200) >= 1, codes
     assert time.perf_counter() - t0 < 30
+
+
+def test_the_app_and_the_engines_module_import_without_torch_or_transformers():
+    """The ingress replica and the training driver import the app: only the model replicas load torch and
+    transformers (through models/engines_hf.py, which engines.TransformersEngine reaches lazily)."""
+    code = ("import sys; import craft_ray.judges.app, craft_ray.judges.client, craft_ray.models.engines as e; "
+            "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules)); "
+            "e.TransformersEngine; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[]" and out[1] == "True"

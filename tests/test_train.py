@@ -183,7 +183,7 @@ def test_sft_then_craft_in_one_run_equals_two_runs_and_resumes_without_sft(micro
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_the_sft_lora_is_evaluated_once_rank_0_has_logged_it_to_mlflow(micro_world, tmp_path, monkeypatch, capsys):
+def test_the_sft_lora_is_evaluated_once_rank_0_has_logged_it_to_mlflow(micro_world, tmp_path, capsys):
     """stage=all: the driver's watcher submits the SFT LoRA's evaluation when SFT's MLflow run carries this
     run's token, with the LoRA read from MLflow; another run's token (or none) leaves it for after CRAFT."""
     from safetensors.torch import save_file
@@ -196,21 +196,26 @@ def test_the_sft_lora_is_evaluated_once_rank_0_has_logged_it_to_mlflow(micro_wor
     save_file(lora, str(tmp_path / LORA_WEIGHT_NAME))
     sft_run = tracking.StageTracker(cfg.tracking.tracking_uri, runs["sft"])
     sft_run.log_artifact(tmp_path / LORA_WEIGHT_NAME, "lora")
-    submitted = []
-    monkeypatch.setattr(train, "submit_final_evaluation", lambda c, loras, judges: submitted.append(loras) or ["ref"])
+    class Recorder:  # a FinalEvaluation that records what is submitted instead of starting Ray actors
+        def __init__(self):
+            self.submitted = []
 
-    evaluation: dict = {}
+        def submit(self, key, loras, workers=None):
+            self.submitted.append((key, loras, workers))
+
+    evaluation = Recorder()
     sft_run.set_tag(training.LORA_TOKEN_TAG, "an earlier run")
-    with train._evaluate_sft_once_logged(cfg, runs["sft"], "this run", False, evaluation, poll_s=0.1):
+    with train._evaluate_sft_once_logged(cfg, runs["sft"], "this run", evaluation, poll_s=0.1):
         time.sleep(0.5)
-    assert evaluation == {} and submitted == []  # evaluated after CRAFT, from its checkpoint
+    assert evaluation.submitted == []  # evaluated after CRAFT, from its checkpoint
 
-    with train._evaluate_sft_once_logged(cfg, runs["sft"], "this run", False, evaluation, poll_s=0.1):
+    with train._evaluate_sft_once_logged(cfg, runs["sft"], "this run", evaluation, poll_s=0.1):
         sft_run.set_tag(training.LORA_TOKEN_TAG, "this run")
         time.sleep(1.0)
-    assert evaluation == {"sft": ["ref"]}
-    assert list(submitted[0]) == ["sft"] and torch.equal(submitted[0]["sft"]["unet.down.lora.down.weight"],
-                                                         lora["unet.down.lora.down.weight"])
+    [(key, loras, workers)] = evaluation.submitted
+    assert key == "sft" and workers == cfg.train.sft_eval_workers == 1
+    assert list(loras) == ["sft"] and torch.equal(loras["sft"]["unet.down.lora.down.weight"],
+                                                  lora["unet.down.lora.down.weight"])
     assert "the SFT LoRA's final evaluation started, beside CRAFT" in capsys.readouterr().out
 
 
@@ -462,15 +467,15 @@ def test_images_per_micro_step_counts_what_the_stage_trains_on(micro_world, tmp_
     assert training.images_per_micro_step(cfg, stage) == images
 
 
-def test_bad_final_evaluation_tasks_are_refused_before_ray_starts(micro_world, tmp_path, monkeypatch):
+def test_bad_final_evaluation_workers_are_refused_before_ray_starts(micro_world, tmp_path, monkeypatch):
     from craft_ray import train
 
     def no_ray(cfg):
         raise AssertionError("Ray started")
 
     monkeypatch.setattr(train, "init_ray", no_ray)
-    with pytest.raises(UserError, match="train.final_eval_tasks=0"):
-        train.train(micro_cfg(micro_world, tmp_path, "train.final_eval_tasks=0"))
+    with pytest.raises(UserError, match="train.final_eval_workers=0"):
+        train.train(micro_cfg(micro_world, tmp_path, "train.final_eval_workers=0"))
 
 
 def test_craft_without_any_reward_term_is_refused(micro_world, tmp_path):
