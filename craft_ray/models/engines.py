@@ -3,7 +3,8 @@
 Three implementations behind one interface (:class:`LLMEngine`), chosen by ``judges.engine.kind``:
 
 - ``transformers``: an in-process HF model (text LM or vision-language model), CPU or GPU; JSON
-  output is guaranteed by :mod:`craft_ray.models.json_constrained`.
+  output is guaranteed by :mod:`craft_ray.models.json_constrained`. It lives in
+  :mod:`craft_ray.models.engines_hf`, so that this module imports without torch and transformers.
 - ``openai``: any OpenAI-compatible server (``ray.serve.llm`` with vLLM, ``vllm serve``, a hosted
   API) through the official client, with timeouts and retries; JSON via ``response_format``.
 - ``vllm``: an in-process ``vllm.LLM`` (GPU, ``pip install 'craft_ray[vllm]'``); JSON via
