@@ -468,9 +468,9 @@ class EvaluationWorker:
             self.model.load_lora_state_dict(lora_state, source=lora_name)
         self.judge = None
         if use_judges:
-            from craft_ray.training import _judge_client
+            from craft_ray.judges.client import connect_or_none
 
-            self.judge = _judge_client(cfg)
+            self.judge = connect_or_none(cfg)
 
     def generate(self, prompts: list[str], seeds: list[int]) -> np.ndarray:
         """uint8 images [N,H,W,3] for (prompt, seed) pairs."""

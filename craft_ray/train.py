@@ -165,13 +165,9 @@ class FinalEvaluator:
         self.device = "cuda" if self.cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
         self.judge = None
         if use_judges:
-            from craft_ray.judges.client import connect
+            from craft_ray.judges.client import connect_or_none
 
-            try:
-                self.judge = connect(self.cfg, retries=int(self.cfg.judges.client_retries))
-            except Exception as exc:  # the table's judge row is left empty, as for a judge gone mid-run
-                print(f"checklist judge unavailable for the final evaluation: {type(exc).__name__}: {exc}",
-                      flush=True)
+            self.judge = connect_or_none(self.cfg)  # None: the table's judge row is left empty
 
     def evaluate(self, loras: dict[str, dict], labels: list[str]) -> tuple[dict[str, dict], dict]:
         """For each LoRA (name -> diffusers-format state dict), the per-image scores of ``labels``' part of
@@ -193,8 +189,8 @@ class FinalEvaluation:
 
     The actors start with the first LoRA submitted, the SFT LoRA at SFT's end, while the CRAFT loop runs:
     ``train.sft_eval_workers`` of them evaluate it there, and all of them the CRAFT LoRA after CRAFT. A
-    Ray task in their place started a new process after CRAFT, whose start and imports took 7-10 s of a
-    16-27 s evaluation on 2 cores."""
+    Ray task in their place started a new process after CRAFT, whose start and imports took 7-10 s of an
+    18-27 s evaluation on 2 cores."""
 
     def __init__(self, cfg: DictConfig, use_judges: bool) -> None:
         self.cfg, self.use_judges = cfg, use_judges
@@ -423,12 +419,12 @@ def train(cfg: DictConfig) -> int:
     if extra:
         top.log_dict(extra, "knowledge/online_enrichment.json")
 
+    evaluation = FinalEvaluation(cfg, use_judges)  # stage=all; no actors otherwise
     status = "FAILED"
     try:
         training_stages = tuple(s for s in stages if s != "evaluate")
         init = _init_lora(cfg, out_dir) if training_stages == ("craft",) else None
         t0 = time.perf_counter()
-        evaluation = FinalEvaluation(cfg, use_judges)  # stage=all
         token = uuid.uuid4().hex
         with (_evaluate_sft_once_logged(cfg, runs["sft"], token, evaluation) if "evaluate" in stages
               else contextlib.nullcontext()):
@@ -446,9 +442,8 @@ def train(cfg: DictConfig) -> int:
             _evaluate(cfg, evaluation, top, out_dir)
         status = "FINISHED"
     finally:
-        if "evaluate" in stages:
-            evaluation.close()
         tracking.end_runs(cfg.tracking.tracking_uri, runs, status)
+        evaluation.close()
     print(f"total {time.perf_counter() - t_start:.0f} s; MLflow: {cfg.tracking.tracking_uri} experiment "
           f"{cfg.tracking.experiment!r}, run {runs.get('parent') or runs[stages[0]]}", flush=True)
     return 0

@@ -435,7 +435,11 @@ def _run_stage(config: dict, session: Session) -> tuple[StageState, dict[str, to
         from craft_ray.tracking import StageTracker
 
         tracker = StageTracker(cfg.tracking.tracking_uri, config["mlflow_run_id"])
-    judge = _judge_client(cfg) if rank == 0 and config.get("use_judges") else None
+    judge = None
+    if rank == 0 and config.get("use_judges"):
+        from craft_ray.judges.client import connect_or_none
+
+        judge = connect_or_none(cfg)
 
     if rank == 0:
         print(f"[{stage}] rank 0 of {world}: steps {state.step}..{total}, per-worker batch {batch_size} x {accum} "
@@ -705,16 +709,6 @@ def _warn_hacking(guard: HackingGuard, action: str, tracker) -> None:
     print(f"WARNING: {msg}", flush=True)
     if tracker:
         tracker.set_tag("reward_hacking", msg)
-
-
-def _judge_client(cfg: DictConfig):
-    try:
-        from craft_ray.judges.client import connect
-
-        return connect(cfg, retries=int(cfg.judges.client_retries))
-    except Exception as exc:  # evaluation goes on without the judge; each evaluation logs it as missing
-        print(f"checklist judge unavailable: {type(exc).__name__}: {exc}", flush=True)
-        return None
 
 
 def _print_progress(stage: str, step: int, total: int, info: dict[str, float], since: int) -> None:

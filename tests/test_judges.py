@@ -479,3 +479,20 @@ def test_the_app_and_the_engines_module_import_without_torch_or_transformers():
             "e.TransformersEngine; print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[0] == "[]" and out[1] == "True"
+
+
+def test_connect_or_none_gives_none_and_says_why_when_the_judges_cannot_be_reached(monkeypatch, capsys):
+    """Training, periodic and final evaluations share it: a judge that cannot be connected is left out."""
+    from craft_ray.judges import client
+
+    cfg = load_config(None, [])
+    http_client = client.connect_or_none(cfg)
+    assert isinstance(http_client, JudgesClient)  # no Ray here: HTTP to judges.host:port
+    http_client.close()
+
+    def refuse(cfg, **kwargs):
+        raise UserError("no judges here")
+
+    monkeypatch.setattr(client, "connect", refuse)
+    assert client.connect_or_none(cfg) is None
+    assert "checklist judge unavailable: UserError: no judges here" in capsys.readouterr().out

@@ -258,3 +258,13 @@ def connect(cfg: DictConfig, **kwargs: Any) -> JudgesClient | HandleClient:
         return HandleClient.from_config(cfg, **kwargs)
     return JudgesClient.from_config(cfg.judges, **kwargs)
 
+
+def connect_or_none(cfg: DictConfig) -> JudgesClient | HandleClient | None:
+    """:func:`connect` with ``judges.client_retries``, or None (and a printed line) when that fails: an
+    evaluation goes on without the judge and records it as missing."""
+    try:
+        return connect(cfg, retries=int(cfg.judges.client_retries))
+    except Exception as exc:
+        print(f"checklist judge unavailable: {type(exc).__name__}: {exc}", flush=True)
+        return None
+
