@@ -486,8 +486,10 @@ def test_connect_or_none_gives_none_and_says_why_when_the_judges_cannot_be_reach
     from craft_ray.judges import client
 
     cfg = load_config(None, [])
+    # Other tests of this module leave the judges app running on their Ray cluster: pretend it is not there.
+    monkeypatch.setattr(client, "serve_app_running", lambda name: False)
     http_client = client.connect_or_none(cfg)
-    assert isinstance(http_client, JudgesClient)  # no Ray here: HTTP to judges.host:port
+    assert isinstance(http_client, JudgesClient)  # no app on Ray: HTTP to judges.host:port
     http_client.close()
 
     def refuse(cfg, **kwargs):
