@@ -44,6 +44,7 @@ from craft_ray import evaluate as ev
 from craft_ray.config import LIST_CHOICES, check_craft_objective
 from craft_ray.data.dataset import ImageDataset, load_dataset
 from craft_ray.errors import UserError
+from craft_ray.judges.client import connect_or_none
 from craft_ray.modalities import get_modality
 from craft_ray.models.diffusion import DiffusionModel
 from craft_ray.rewards import make_reward
@@ -435,11 +436,7 @@ def _run_stage(config: dict, session: Session) -> tuple[StageState, dict[str, to
         from craft_ray.tracking import StageTracker
 
         tracker = StageTracker(cfg.tracking.tracking_uri, config["mlflow_run_id"])
-    judge = None
-    if rank == 0 and config.get("use_judges"):
-        from craft_ray.judges.client import connect_or_none
-
-        judge = connect_or_none(cfg)
+    judge = connect_or_none(cfg) if rank == 0 and config.get("use_judges") else None
 
     if rank == 0:
         print(f"[{stage}] rank 0 of {world}: steps {state.step}..{total}, per-worker batch {batch_size} x {accum} "
