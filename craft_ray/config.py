@@ -112,6 +112,11 @@ class JudgesConfig:
     max_batch_size: int = 16  # ChecklistJudge @serve.batch maximum batch size (images x items)
     batch_wait_timeout_s: float = 0.02  # @serve.batch wait for a fuller batch, seconds
     num_replicas: int = 1  # replicas per deployment
+    # The enricher and the checklist builder (knowledge builds, online enrichment; never an evaluation) start on
+    # their first request, a cold start of seconds on CPU with tiny models, and stop after generators_idle_s
+    # without one. false: they start with the app, as the judge does
+    generators_on_demand: bool = False
+    generators_idle_s: float = 600.0
     replica_cpus: float = 0.25  # CPUs reserved per replica (fractional on small machines)
     replica_gpus: float = 0.0  # GPUs reserved per replica
     max_ongoing_requests: int = 64  # per replica; beyond max_queued_requests the server answers 503
@@ -209,6 +214,9 @@ class TrainConfig:
     hacking_watch: list[str] = field(default_factory=lambda: ["cas", "realism"])
     hacking_action: str = "warn"  # warn | stop | rollback (to the best checkpoint under out-of-family CAS)
     torch_threads: int = 1  # torch intra-op threads per worker process
+    # Python threads that share no-grad DDIM sampling (CRAFT's candidates, rank 0's periodic evaluation),
+    # each a part of the batch: on CPU with torch_threads=1, 2 puts a second core to work
+    sample_threads: int = 1
 
 
 @dataclass

@@ -30,7 +30,7 @@ from craft_ray.data.dataset import ImageDataset, load_dataset, phantom_cache_dir
 from craft_ray.errors import UserError
 from craft_ray.knowledge import Knowledge, load_knowledge, load_knowledge_for, load_shipped  # noqa: F401
 from craft_ray.modalities import get_modality
-from craft_ray.sampling import sample
+from craft_ray.sampling import sample_no_grad
 
 EVALUATORS = ("train", "ood")  # the training evaluator (reward) and the out-of-family one (audits)
 
@@ -131,8 +131,9 @@ def initial_noise(model, seeds: Sequence[int], resolution: int) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(model, prompts: Sequence[str], seeds: Sequence[int], sampling: Any, resolution: int,
-             batch_size: int = 32) -> torch.Tensor:
-    """Images [N,3,H,W] in [-1,1] for (prompt, seed) pairs with DDIM (``sampling`` = cfg.sampling)."""
+             batch_size: int = 32, threads: int = 1) -> torch.Tensor:
+    """Images [N,3,H,W] in [-1,1] for (prompt, seed) pairs with DDIM (``sampling`` = cfg.sampling); each
+    batch shared by ``threads`` Python threads (:func:`craft_ray.sampling.sample_no_grad`)."""
     unet = getattr(model.unet, "module", model.unet)  # never the DDP wrapper: rank 0 evaluates alone
     was_training = unet.training
     unet.eval()
@@ -142,12 +143,11 @@ def generate(model, prompts: Sequence[str], seeds: Sequence[int], sampling: Any,
         p = list(prompts[i:i + batch_size])
         latents = initial_noise(model, seeds[i:i + batch_size], resolution).to(model.device)
         cond = model.encode_prompts(p)
-        with model.autocast():
-            traj = sample(unet, model.scheduler, cond, uncond_one.expand(len(p), -1, -1), latents,
-                          num_steps=int(sampling.num_steps), guidance_scale=float(sampling.guidance_scale),
-                          eta=0.0, k=0, grad_checkpointing=False,
-                          timestep_spacing=str(sampling.timestep_spacing))
-        out.append(model.decode_latents(traj.latents.float()).cpu())
+        latents = sample_no_grad(unet, model.scheduler, cond, uncond_one.expand(len(p), -1, -1), latents,
+                                 num_steps=int(sampling.num_steps), guidance_scale=float(sampling.guidance_scale),
+                                 timestep_spacing=str(sampling.timestep_spacing), threads=threads,
+                                 context=model.autocast)
+        out.append(model.decode_latents(latents.float()).cpu())
     unet.train(was_training)
     return torch.cat(out)
 

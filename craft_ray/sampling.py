@@ -9,6 +9,9 @@ which keeps peak memory nearly flat in K); the VAE decode is differentiable too.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -109,6 +112,46 @@ def sample(
         if i < first_grad:
             latents = latents.detach()
     return Trajectory(latents=latents, k=k)
+
+
+def sample_no_grad(
+    unet,
+    scheduler,
+    cond: torch.Tensor,
+    uncond: torch.Tensor | None,
+    latents: torch.Tensor,
+    *,
+    num_steps: int,
+    guidance_scale: float,
+    eta: float = 0.0,
+    generator: torch.Generator | None = None,
+    timestep_spacing: str = "model",
+    threads: int = 1,
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> torch.Tensor:
+    """Final latents [B,C,h,w] of DDIM without gradients, the batch split into ``threads`` parts that
+    run at once in Python threads (torch's operators release the GIL).
+
+    With one torch thread per process (OpenMP workers that sleep between operators cost more than they
+    give on small CPUs), a second Python thread puts a second core to work on whole UNet passes of its
+    part; each image's computation is the same as in one batch. With ``eta`` > 0 the DDIM noise comes
+    from ``generator`` in batch order, so the batch stays whole. ``context`` (e.g. the model's
+    autocast) is entered in each thread, since autocast and grad mode are per thread.
+    """
+    parts = 1 if eta > 0 else max(1, min(int(threads), latents.shape[0]))
+
+    def run(sl: slice) -> torch.Tensor:
+        with torch.no_grad(), context():
+            return sample(unet, scheduler, cond[sl], None if uncond is None else uncond[sl], latents[sl],
+                          num_steps=num_steps, guidance_scale=guidance_scale, eta=eta, k=0, generator=generator,
+                          grad_checkpointing=False, timestep_spacing=timestep_spacing).latents
+
+    b = latents.shape[0]
+    slices = [slice(b * i // parts, b * (i + 1) // parts) for i in range(parts)]
+    if parts == 1:
+        return run(slices[0])
+    with ThreadPoolExecutor(parts, thread_name_prefix="sample") as pool:
+        return torch.cat(list(pool.map(run, slices)))
 
 
 def draft_lv(

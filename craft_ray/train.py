@@ -140,11 +140,11 @@ def _remote_options(cfg: DictConfig) -> dict[str, Any]:
     return opts
 
 
-def _prepare(cfg_dict: dict) -> dict[str, float]:
+def _prepare(cfg: DictConfig | dict) -> dict[str, float]:
     """Generate/scan the data and build both evaluators' reference banks and thresholds (cached on disk)."""
     from craft_ray import evaluate as ev
 
-    cfg = OmegaConf.create(cfg_dict)
+    cfg = OmegaConf.create(cfg)
     knowledge = ev.load_knowledge_for(cfg)
     manifest = ev.load_dataset(cfg)
     return {w: ev.ScoringSetup.build(cfg, w, knowledge, "cpu", manifest).threshold.tau for w in ev.EVALUATORS}
@@ -152,10 +152,11 @@ def _prepare(cfg_dict: dict) -> dict[str, float]:
 
 class FinalEvaluator:
     """A Ray actor of the final evaluation (see :class:`FinalEvaluation`): evaluates LoRAs on the fixed
-    final seed set, a share of the labels per call. It imports the evaluation code and connects to the
-    judges when it starts, and keeps them for its later calls."""
+    final seed set, a share of the labels per call. It imports the evaluation code when it starts and
+    keeps it, and the judges' client once :meth:`connect` made one, for its later calls. The first actor
+    also prepares the data and thresholds (:meth:`prepare`) while the judges start."""
 
-    def __init__(self, cfg_dict: dict, use_judges: bool) -> None:
+    def __init__(self, cfg_dict: dict) -> None:
         import torch
 
         from craft_ray import evaluate  # noqa: F401 (imported once, here)
@@ -164,10 +165,15 @@ class FinalEvaluator:
         torch.set_num_threads(max(1, int(self.cfg.train.torch_threads)))
         self.device = "cuda" if self.cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
         self.judge = None
-        if use_judges:
-            from craft_ray.judges.client import connect_or_none
 
-            self.judge = connect_or_none(self.cfg)  # None: the table's judge row is left empty
+    def prepare(self) -> dict[str, float]:
+        return _prepare(self.cfg)
+
+    def connect(self) -> None:
+        """Connect to the judges; without them the table's judge row is left empty."""
+        from craft_ray.judges.client import connect_or_none
+
+        self.judge = connect_or_none(self.cfg)
 
     def evaluate(self, loras: dict[str, dict], labels: list[str]) -> tuple[dict[str, dict], dict]:
         """For each LoRA (name -> diffusers-format state dict), the per-image scores of ``labels``' part of
@@ -185,34 +191,65 @@ class FinalEvaluator:
 class FinalEvaluation:
     """The SFT-vs-CRAFT evaluation (``stage=all``) on ``train.final_eval_workers`` Ray actors, each with
     ``train.final_eval_cpus`` CPUs (a GPU with ``train.use_gpu``), that split each LoRA's labels between
-    them (the merged shards are the whole set).
+    them (the merged shards are the whole set). ``train.sft_eval_workers`` of them evaluate the SFT LoRA
+    beside the CRAFT loop, all of them the CRAFT LoRA after CRAFT.
 
-    The actors start with the first LoRA submitted, the SFT LoRA at SFT's end, while the CRAFT loop runs:
-    ``train.sft_eval_workers`` of them evaluate it there, and all of them the CRAFT LoRA after CRAFT. A
-    Ray task in their place started a new process after CRAFT, whose start and imports took 7-10 s of an
-    18-27 s evaluation on 2 cores."""
+    On CPU the actors start with the run: the first prepares the data and thresholds while the judges
+    start (:meth:`prepare`, in place of a Ray task whose process would import the same code), the others
+    start beside the Train worker group's start (:meth:`start`), where a core is idle. Their imports are
+    then done before the SFT LoRA reaches them, not beside the CRAFT loop. With ``train.use_gpu`` they
+    start with the first LoRA submitted: an actor holds its GPU while it lives, and the Train workers
+    need theirs first. A Ray task in their place started a new process after CRAFT, whose start and
+    imports took 7-10 s of an 18-27 s evaluation on 2 cores."""
 
-    def __init__(self, cfg: DictConfig, use_judges: bool) -> None:
-        self.cfg, self.use_judges = cfg, use_judges
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.use_judges = False
         self.actors: list[Any] = []
         self.refs: dict[str, list[Any]] = {}  # what was submitted -> one object ref per shard
+
+    @property
+    def starts_early(self) -> bool:
+        return not self.cfg.train.use_gpu
+
+    def _start(self, n: int) -> None:
+        import ray
+
+        t = self.cfg.train
+        opts: dict[str, Any] = {"num_cpus": float(t.final_eval_cpus or t.cpus_per_worker), "max_restarts": 1,
+                                "max_task_retries": 1}
+        if t.use_gpu:
+            opts["num_gpus"] = 1
+        actor = ray.remote(FinalEvaluator).options(**opts)
+        cfg_dict = OmegaConf.to_container(self.cfg, resolve=True)
+        while len(self.actors) < n:
+            self.actors.append(actor.remote(cfg_dict))
+            if self.use_judges:
+                self.actors[-1].connect.remote()
+
+    def prepare(self) -> Any:
+        """The first actor prepares the data and the thresholds: an object ref of {evaluator: tau}."""
+        self._start(1)
+        return self.actors[0].prepare.remote()
+
+    def connect(self, use_judges: bool) -> None:
+        """Whether the actors use the judges; those started connect now, the others when they start."""
+        self.use_judges = use_judges
+        if use_judges:
+            for a in self.actors:
+                a.connect.remote()
+
+    def start(self) -> None:
+        """Start the remaining actors (on CPU; with GPUs they start with the first LoRA submitted)."""
+        if self.starts_early:
+            self._start(int(self.cfg.train.final_eval_workers))
 
     def submit(self, key: str, loras: dict[str, dict], workers: int | None = None) -> None:
         """Evaluate ``loras`` (name -> state dict, see :func:`read_lora`) on ``workers`` of the actors
         (default: all), each on a share of the labels; ``key`` names the results for :meth:`gather`."""
-        import ray
-
         from craft_ray.modalities import get_modality
 
-        if not self.actors:
-            t = self.cfg.train
-            opts: dict[str, Any] = {"num_cpus": float(t.final_eval_cpus or t.cpus_per_worker), "max_restarts": 1,
-                                    "max_task_retries": 1}
-            if t.use_gpu:
-                opts["num_gpus"] = 1
-            actor = ray.remote(FinalEvaluator).options(**opts)
-            cfg_dict = OmegaConf.to_container(self.cfg, resolve=True)
-            self.actors = [actor.remote(cfg_dict, self.use_judges) for _ in range(int(t.final_eval_workers))]
+        self._start(int(self.cfg.train.final_eval_workers))
         labels = get_modality(self.cfg.modality).label_names(self.cfg.data.dataset)
         n = min(int(workers or len(self.actors)), len(self.actors))
         shards = [part for i in range(n) if (part := labels[len(labels) * i // n:len(labels) * (i + 1) // n])]
@@ -392,8 +429,6 @@ def _init_lora(cfg: DictConfig, out_dir: Path) -> str:
 
 def train(cfg: DictConfig) -> int:
     """Run the stages of ``cfg.stage`` and, for ``all``, print and log the SFT-vs-CRAFT table."""
-    import ray
-
     from craft_ray import tracking
     from craft_ray.config import check_craft_objective, check_out_of_family
 
@@ -407,9 +442,23 @@ def train(cfg: DictConfig) -> int:
     tracking.client(cfg.tracking.tracking_uri)  # a refused tracking URI fails before Ray starts
     check_out_of_family(cfg.model.evaluator, cfg.model.ood_evaluator)
     init_ray(cfg)
-    # the data and thresholds are prepared in a Ray task while the judges start
-    prepared = ray.remote(_prepare).options(**_remote_options(cfg)).remote(OmegaConf.to_container(cfg))
+    with contextlib.closing(FinalEvaluation(cfg)) as evaluation:  # stage=all; no actors otherwise
+        return _run(cfg, stages, evaluation, out_dir, t_start)
+
+
+def _run(cfg: DictConfig, stages: tuple[str, ...], evaluation: FinalEvaluation, out_dir: Path,
+         t_start: float) -> int:
+    import ray
+
+    from craft_ray import tracking
+
+    # the data and thresholds are prepared by the first evaluation actor, or a Ray task, while the judges start
+    if "evaluate" in stages and evaluation.starts_early:
+        prepared = evaluation.prepare()
+    else:
+        prepared = ray.remote(_prepare).options(**_remote_options(cfg)).remote(OmegaConf.to_container(cfg))
     use_judges = bool(cfg.cas.use_judge or cfg.knowledge.online_enrichment) and ensure_judges(cfg)
+    evaluation.connect(use_judges)
     taus = ray.get(prepared)
     print("real-image CAS thresholds tau_q: " + ", ".join(f"{k} {v:.4f}" for k, v in taus.items()), flush=True)
     runs = tracking.stage_runs(cfg, tuple(s for s in stages if s != "evaluate"))
@@ -419,9 +468,10 @@ def train(cfg: DictConfig) -> int:
     if extra:
         top.log_dict(extra, "knowledge/online_enrichment.json")
 
-    evaluation = FinalEvaluation(cfg, use_judges)  # stage=all; no actors otherwise
     status = "FAILED"
     try:
+        if "evaluate" in stages:
+            evaluation.start()  # beside the Train worker group's start
         training_stages = tuple(s for s in stages if s != "evaluate")
         init = _init_lora(cfg, out_dir) if training_stages == ("craft",) else None
         t0 = time.perf_counter()
@@ -443,7 +493,6 @@ def train(cfg: DictConfig) -> int:
         status = "FINISHED"
     finally:
         tracking.end_runs(cfg.tracking.tracking_uri, runs, status)
-        evaluation.close()
     print(f"total {time.perf_counter() - t_start:.0f} s; MLflow: {cfg.tracking.tracking_uri} experiment "
           f"{cfg.tracking.experiment!r}, run {runs.get('parent') or runs[stages[0]]}", flush=True)
     return 0

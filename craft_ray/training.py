@@ -48,7 +48,7 @@ from craft_ray.judges.client import connect_or_none
 from craft_ray.modalities import get_modality
 from craft_ray.models.diffusion import DiffusionModel
 from craft_ray.rewards import make_reward
-from craft_ray.sampling import draft_lv, draw_k, sample
+from craft_ray.sampling import draft_lv, draw_k, sample, sample_no_grad
 from craft_ray.stages import (  # noqa: F401 (re-exported)
     INIT_LORA_FILE,
     LORA_TOKEN_TAG,
@@ -641,10 +641,10 @@ def _preference_loss(model: DiffusionModel, cfg: DictConfig, reward_fn, pool: di
     with torch.no_grad():
         cond = model.encode_prompts(each)
         uncond = model.encode_prompts([""]).expand(num * n, -1, -1)
-        with model.autocast():
-            latents = sample(unet, model.scheduler, cond, uncond, noise, num_steps=int(s.num_steps),
-                             guidance_scale=float(s.guidance_scale), eta=float(s.eta), k=0, generator=g,
-                             grad_checkpointing=False, timestep_spacing=str(s.timestep_spacing)).latents.float()
+        latents = sample_no_grad(unet, model.scheduler, cond, uncond, noise, num_steps=int(s.num_steps),
+                                 guidance_scale=float(s.guidance_scale), eta=float(s.eta), generator=g,
+                                 timestep_spacing=str(s.timestep_spacing), threads=int(cfg.train.sample_threads),
+                                 context=model.autocast).float()
         reward, _ = reward_fn(model.decode_latents(latents), each, [{"label": y} for y in each_label], generator=g)
     reward = reward.view(num, n)
     if str(r.preference_pairs) == "all":  # every candidate, best first: each earlier one wins against each later one
@@ -680,7 +680,8 @@ def periodic_evaluation(model: DiffusionModel, cfg: DictConfig, setups: dict[str
     t0 = time.perf_counter()
     n = int(cfg.train.eval_images_per_label)
     labels, prompts, seeds = ev.eval_plan(cfg, n)
-    images = ev.generate(model, prompts, seeds, cfg.sampling, int(cfg.model.resolution))
+    images = ev.generate(model, prompts, seeds, cfg.sampling, int(cfg.model.resolution),
+                         threads=int(cfg.train.sample_threads))
     scores = ev.score_images(images, labels, setups, cfg, judge=judge, knowledge=knowledge)
     summary = ev.summarise(scores, {w: s.threshold.tau for w, s in setups.items()})
     if "judge_error" in scores:

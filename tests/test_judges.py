@@ -68,7 +68,7 @@ class Judges:
         self.base = [f"judges.engine.model={judge_dir}", f"judges.port={port}", f"judges.token_env={TOKEN_ENV}",
                      "judges.engine.device=cpu", "judges.engine.dtype=float32", "judges.engine.max_new_tokens=24",
                      "judges.max_images=8", "judges.max_request_bytes=400000", "judges.max_image_pixels=65536",
-                     "judges.replica_cpus=0.1"]
+                     "judges.replica_cpus=0.1", "judges.generators_on_demand=false"]
         self.current: dict | None = None
         self.cfg = load_config(None, self.base)
 
@@ -138,6 +138,29 @@ def test_health_and_models(judges, http):
     assert models.status_code == 200
     assert [m["id"] for m in models.json()["data"]] == ["judge"]
     assert judges.client().models() == ["judge"]
+
+
+def test_generators_on_demand_start_with_their_first_request(judges, http):
+    """judges.generators_on_demand (the tiny profile's): the app starts without enricher and builder
+    replicas, health does not wake them, and the first request starts one and is answered."""
+    from ray import serve
+
+    def replicas(name: str) -> int:
+        status = serve.status().applications[APP].deployments[name]
+        return sum(n for state, n in status.replica_states.items() if str(state).endswith("RUNNING"))
+
+    try:
+        judges.deploy(generators_on_demand=True)
+        assert replicas("PromptEnricher") == replicas("ChecklistBuilder") == 0 and replicas("ChecklistJudge") == 1
+        body = http.get("/v1/health").json()["deployments"]
+        assert body["PromptEnricher"] == body["ChecklistBuilder"] == {"on_demand": True}
+        assert body["ChecklistJudge"] == {"model": str(judges.judge_dir)}
+        assert replicas("PromptEnricher") == 0  # the health check did not start one
+        r = http.post("/v1/enrich", json={"modality": "cxr", "label": "cardiomegaly", "n": 2})
+        assert r.status_code == 200 and len(r.json()["prompts"]) == 2
+        assert replicas("PromptEnricher") == 1 and replicas("ChecklistBuilder") == 0
+    finally:
+        judges.deploy()
 
 
 def test_enrich_returns_n_schema_valid_prompts(judges, http):

@@ -49,6 +49,28 @@ def test_matches_the_diffusers_pipeline(pipe: StableDiffusionPipeline, eta: floa
     assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
 
 
+@pytest.mark.parametrize("batch", [4, 5])
+def test_sampling_in_threads_gives_each_image_what_one_batch_gives(pipe: StableDiffusionPipeline, batch: int) -> None:
+    """sample_no_grad with the batch split over 2 Python threads: the same latents as one batch (float32
+    round-off where a batch size changes a kernel's blocking), no autograd graph, and eta > 0 (noise
+    from one generator, in batch order) keeps the batch whole, bit for bit the one-batch result."""
+    prompts = [f"a chest x-ray showing finding {i}" for i in range(batch)]
+    cond, uncond = embeddings(pipe, prompts)
+    init = noise(pipe, batch, seed=batch)
+    kw = {"num_steps": T, "guidance_scale": GUIDANCE}
+    with torch.no_grad():
+        one = sampling.sample(pipe.unet, pipe.scheduler, cond, uncond, init, k=0, **kw).latents
+    two = sampling.sample_no_grad(pipe.unet, pipe.scheduler, cond, uncond, init, threads=2, **kw)
+    assert not two.requires_grad and two.shape == one.shape
+    assert torch.allclose(two, one, atol=1e-5), (two - one).abs().max()
+    with torch.no_grad():
+        ref = sampling.sample(pipe.unet, pipe.scheduler, cond, uncond, init, k=0, eta=0.5,
+                              generator=torch.Generator().manual_seed(3), **kw).latents
+    stochastic = sampling.sample_no_grad(pipe.unet, pipe.scheduler, cond, uncond, init, threads=2, eta=0.5,
+                                         generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(stochastic, ref)
+
+
 def test_timestep_spacing_overrides_the_models_scheduler(pipe: StableDiffusionPipeline) -> None:
     assert pipe.scheduler.config.timestep_spacing == "leading"
     steps = {s: sampling.ddim_scheduler(pipe.scheduler, 10, "cpu", s).timesteps.tolist()

@@ -70,6 +70,7 @@ from craft_ray.knowledge import Knowledge, checklist_judge, load_knowledge, load
 from craft_ray.models.engines import EngineError, chat_response, parse_chat_request
 
 REPLICA_ENV = {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"}  # one torch thread per replica
+GENERATORS = ("PromptEnricher", "ChecklistBuilder")  # judges.generators_on_demand starts these on first use
 
 
 @dataclass(frozen=True)
@@ -320,9 +321,10 @@ class JudgesIngress:
     """HTTP ingress: validates and decodes requests, fans them out to the deployments by handle."""
 
     def __init__(self, enricher: DeploymentHandle, builder: DeploymentHandle, judge: DeploymentHandle,
-                 settings: ApiSettings) -> None:
+                 settings: ApiSettings, on_demand: tuple[str, ...] = ()) -> None:
         self.enricher, self.builder, self.judge = enricher, builder, judge
         self.settings = settings
+        self.on_demand = on_demand  # deployments that start on their first request
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_api(self.settings, self)
@@ -355,12 +357,15 @@ class JudgesIngress:
         return await self._call(self.judge.generate, messages, kwargs)
 
     async def health(self) -> dict:
+        """Each deployment's model; deployments that start on demand are not asked (it would start them)."""
         names = {"PromptEnricher": self.enricher, "ChecklistBuilder": self.builder, "ChecklistJudge": self.judge}
+        asked = {n: h for n, h in names.items() if n not in self.on_demand}
         try:
-            models = await asyncio.wait_for(asyncio.gather(*(h.model_id.remote() for h in names.values())), 10.0)
+            models = await asyncio.wait_for(asyncio.gather(*(h.model_id.remote() for h in asked.values())), 10.0)
         except Exception as exc:  # any deployment not answering makes the app unhealthy
             raise ApiError(503, f"a deployment does not answer ({type(_cause(exc)).__name__}); retry") from None
-        return {name: {"model": m} for name, m in zip(names, models, strict=True)}
+        out = {name: {"model": m} for name, m in zip(asked, models, strict=True)}
+        return {name: out.get(name, {"on_demand": True}) for name in names}
 
 
 # ---------------------------------------------------------------- building the application
@@ -396,15 +401,21 @@ def application(cfg: DictConfig) -> serve.Application:
     common = {"num_replicas": int(j.num_replicas), "ray_actor_options": actor,
               "max_ongoing_requests": int(j.max_ongoing_requests), "max_queued_requests": int(j.max_queued_requests),
               "health_check_period_s": 2.0, "health_check_timeout_s": 30.0}
-    enricher = PromptEnricher.options(**common).bind(engine)
-    builder = ChecklistBuilder.options(**common).bind(engine)
+    generators = common
+    if j.generators_on_demand:  # from zero replicas; Serve starts one for the first request it queues
+        generators = {k: v for k, v in common.items() if k != "num_replicas"}
+        generators["autoscaling_config"] = {"min_replicas": 0, "initial_replicas": 0,
+                                            "max_replicas": max(1, int(j.num_replicas)),
+                                            "downscale_to_zero_delay_s": float(j.generators_idle_s)}
+    enricher = PromptEnricher.options(**generators).bind(engine)
+    builder = ChecklistBuilder.options(**generators).bind(engine)
     judge = ChecklistJudge.options(
         **common, user_config={"max_batch_size": int(j.max_batch_size),
                                "batch_wait_timeout_s": float(j.batch_wait_timeout_s)}
     ).bind(engine)
     ingress_actor = {**actor, "num_gpus": 0.0}  # the ingress never runs a model
     return JudgesIngress.options(**{**common, "ray_actor_options": ingress_actor}).bind(
-        enricher, builder, judge, settings)
+        enricher, builder, judge, settings, on_demand=GENERATORS if j.generators_on_demand else ())
 
 
 def args_to_overrides(args: dict) -> tuple[str | None, list[str]]:
