@@ -200,8 +200,9 @@ class TrainConfig:
     eval_images_per_label: int = 16  # periodic evaluation: images per label (fixed seed set)
     final_images_per_label: int = 64  # final SFT-vs-CRAFT evaluation: images per label (another fixed seed set)
     # Ray actors of the final SFT-vs-CRAFT evaluation (stage=all), which split each LoRA's labels between them.
-    # They start at SFT's end: sft_eval_workers of them evaluate the SFT LoRA beside the CRAFT loop (one
-    # leaves the other cores to training), all of them the CRAFT LoRA after CRAFT
+    # On CPU they start with the run (the first prepares the thresholds), with GPUs at SFT's end:
+    # sft_eval_workers of them evaluate the SFT LoRA beside the CRAFT loop (one leaves the other cores to
+    # training), all of them the CRAFT LoRA after CRAFT
     final_eval_workers: int = 1
     sft_eval_workers: int = 1
     final_eval_cpus: float | None = None  # CPUs per final-evaluation actor (null = cpus_per_worker)
