@@ -153,8 +153,9 @@ def _prepare(cfg: DictConfig | dict) -> dict[str, float]:
 class FinalEvaluator:
     """A Ray actor of the final evaluation (see :class:`FinalEvaluation`): evaluates LoRAs on the fixed
     final seed set, a share of the labels per call. It imports the evaluation code when it starts and
-    keeps it, and the judges' client once :meth:`connect` made one, for its later calls. The first actor
-    also prepares the data and thresholds (:meth:`prepare`) while the judges start."""
+    keeps it, and the judges' client once :meth:`connect` made one (an evaluation that needs it and finds
+    none, as after a restart, connects first), for its later calls. The first actor also prepares the
+    data and thresholds (:meth:`prepare`) while the judges start."""
 
     def __init__(self, cfg_dict: dict) -> None:
         import torch
@@ -164,7 +165,7 @@ class FinalEvaluator:
         self.cfg = OmegaConf.create(cfg_dict)
         torch.set_num_threads(max(1, int(self.cfg.train.torch_threads)))
         self.device = "cuda" if self.cfg.train.use_gpu and torch.cuda.is_available() else "cpu"
-        self.judge = None
+        self.judge, self.connected = None, False
 
     def prepare(self) -> dict[str, float]:
         return _prepare(self.cfg)
@@ -173,13 +174,16 @@ class FinalEvaluator:
         """Connect to the judges; without them the table's judge row is left empty."""
         from craft_ray.judges.client import connect_or_none
 
-        self.judge = connect_or_none(self.cfg)
+        self.judge, self.connected = connect_or_none(self.cfg), True
 
-    def evaluate(self, loras: dict[str, dict], labels: list[str]) -> tuple[dict[str, dict], dict]:
+    def evaluate(self, loras: dict[str, dict], labels: list[str], use_judges: bool
+                 ) -> tuple[dict[str, dict], dict]:
         """For each LoRA (name -> diffusers-format state dict), the per-image scores of ``labels``' part of
         the final seed set; and the taus."""
         from craft_ray import evaluate as ev
 
+        if use_judges and not self.connected:
+            self.connect()
         n = int(self.cfg.train.final_images_per_label)
         scores, taus = {}, {}
         for name, lora in loras.items():
@@ -196,8 +200,8 @@ class FinalEvaluation:
 
     On CPU the actors start with the run: the first prepares the data and thresholds while the judges
     start (:meth:`prepare`, in place of a Ray task whose process would import the same code), the others
-    start beside the Train worker group's start (:meth:`start`), where a core is idle. Their imports are
-    then done before the SFT LoRA reaches them, not beside the CRAFT loop. With ``train.use_gpu`` they
+    beside the Train worker group's start (:meth:`start`). Their imports are then done before the SFT
+    LoRA reaches them, not beside the CRAFT loop. With ``train.use_gpu`` they
     start with the first LoRA submitted: an actor holds its GPU while it lives, and the Train workers
     need theirs first. A Ray task in their place started a new process after CRAFT, whose start and
     imports took 7-10 s of an 18-27 s evaluation on 2 cores."""
@@ -253,7 +257,7 @@ class FinalEvaluation:
         labels = get_modality(self.cfg.modality).label_names(self.cfg.data.dataset)
         n = min(int(workers or len(self.actors)), len(self.actors))
         shards = [part for i in range(n) if (part := labels[len(labels) * i // n:len(labels) * (i + 1) // n])]
-        self.refs[key] = [a.evaluate.remote(loras, list(part))
+        self.refs[key] = [a.evaluate.remote(loras, list(part), self.use_judges)
                           for a, part in zip(self.actors[:len(shards)], shards, strict=True)]
 
     def gather(self) -> tuple[dict[str, dict], dict]:

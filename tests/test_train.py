@@ -219,6 +219,30 @@ def test_the_sft_lora_is_evaluated_once_rank_0_has_logged_it_to_mlflow(micro_wor
     assert "the SFT LoRA's final evaluation started, beside CRAFT" in capsys.readouterr().out
 
 
+def test_final_evaluator_connects_to_the_judges_once_and_again_after_a_restart(micro_world, tmp_path, monkeypatch):
+    """The evaluation actor connects when the driver asks (connect) or, failing that, at its first
+    evaluation that uses the judges: a restarted actor runs only __init__, so it reconnects there."""
+    from craft_ray import evaluate as ev
+    from craft_ray import train
+    from craft_ray.judges import client
+
+    calls = []
+    monkeypatch.setattr(client, "connect_or_none", lambda cfg: calls.append(1) or "judge client")
+    monkeypatch.setattr(ev, "evaluate_lora", lambda cfg, lora, **kw: ({"judge": kw["judge"]}, {"train": 0.5}))
+    cfg = OmegaConf.to_container(micro_cfg(micro_world, tmp_path), resolve=True)
+
+    actor = train.FinalEvaluator(cfg)
+    scores, taus = actor.evaluate({"sft": {}}, ["nodule"], use_judges=False)
+    assert scores == {"sft": {"judge": None}} and taus == {"train": 0.5} and calls == []
+    actor.connect()
+    actor.evaluate({"sft": {}}, ["nodule"], use_judges=True)
+    assert calls == [1]  # connected once, by the driver's call
+
+    restarted = train.FinalEvaluator(cfg)
+    scores, _ = restarted.evaluate({"craft": {}}, ["nodule"], use_judges=True)
+    assert scores == {"craft": {"judge": "judge client"}} and calls == [1, 1]
+
+
 def test_sft_evaluates_every_sft_eval_every_steps(micro_world, tmp_path, monkeypatch):
     steps = []
     evaluate = training.periodic_evaluation
